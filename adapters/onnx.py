@@ -1,0 +1,88 @@
+"""ONNX Runtime models, on the CPU or CUDA (TensorRT by option) execution providers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+
+from adapters.base import Adapter, MissingFramework, ModelLoadError, TensorInfo
+
+__all__ = ["OnnxAdapter"]
+
+log = logging.getLogger(__name__)
+
+_ONNX_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+    "tensor(string)": "string",
+}
+
+
+class OnnxAdapter(Adapter):
+    """Options: ``threads`` (intra-op threads, 0 = ORT default), ``tensorrt`` (bool),
+    ``graph_optimization`` (``all``, ``extended``, ``basic``, ``disabled``)."""
+
+    framework = "onnx"
+
+    def _load(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise MissingFramework("onnxruntime", "onnx") from exc
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(self.options.get("threads", 0))
+        level = str(self.options.get("graph_optimization", "all"))
+        opts.graph_optimization_level = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }[level]
+        providers = self._providers(ort.get_available_providers())
+        self.session = ort.InferenceSession(str(self.artifact), sess_options=opts, providers=providers)
+        got = self.session.get_providers()
+        log.info("onnx model %s runs on %s", self.artifact.name, got[0])
+        if self.device == "gpu" and "CUDAExecutionProvider" not in got:
+            raise ModelLoadError(f"CUDA execution provider not available (got {got}); install hetbatch[gpu]")
+        for out in self.session.get_outputs():
+            if not out.type.startswith("tensor("):
+                raise ModelLoadError(
+                    f"output {out.name!r} is {out.type}, not a tensor; for skl2onnx classifiers convert "
+                    "with options={'zipmap': False}"
+                )
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _providers(self, available: list[str]) -> list[str]:
+        if self.device != "gpu":
+            return ["CPUExecutionProvider"]
+        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if self.options.get("tensorrt"):
+            wanted.insert(0, "TensorrtExecutionProvider")
+        return [p for p in wanted if p in available]
+
+    @property
+    def provider(self) -> str:
+        return str(self.session.get_providers()[0])
+
+    def describe(self) -> tuple[list[TensorInfo], list[TensorInfo]]:
+        def info(arg: object) -> TensorInfo:
+            shape = tuple(d if isinstance(d, int) else None for d in getattr(arg, "shape", [])[1:])
+            return TensorInfo(getattr(arg, "name"), _ONNX_DTYPES.get(getattr(arg, "type"), "float32"), shape)
+
+        return [info(i) for i in self.session.get_inputs()], [info(o) for o in self.session.get_outputs()]
+
+    def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.session.run(self.output_names, dict(inputs))
+        return dict(zip(self.output_names, (np.asarray(r) for r in results)))
+
+    def unload(self) -> None:
+        self.__dict__.pop("session", None)
+        super().unload()

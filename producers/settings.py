@@ -1,0 +1,59 @@
+"""Client settings: the only place the producer side reads environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["ClientSettings", "DEFAULT_REDIS_URL", "env_overrides"]
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def env_overrides(cls: Any, prefix: str = "HETBATCH_") -> dict[str, Any]:
+    """Values for the dataclass ``cls`` taken from ``HETBATCH_<FIELD>`` variables."""
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        raw = os.environ.get(prefix + f.name.upper())
+        if raw is None:
+            continue
+        default: Any = f.default
+        kind: Any = type(default) if default is not None else str
+        if kind is bool:
+            out[f.name] = raw.lower() in ("1", "true", "yes", "on")
+        elif kind in (int, float):
+            out[f.name] = kind(raw)
+        else:
+            out[f.name] = raw
+    return out
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How a producer talks to Redis and shapes its jobs (env prefix ``HETBATCH_``)."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    """Broker and result store; ``rediss://`` and ``user:password@`` work."""
+    prefix: str = "hb"
+    """Prefix of every hetbatch key in Redis."""
+    chunk_rows: int = 65_536
+    """Rows per task for large jobs: big enough to amortize the ~1 ms task cost."""
+    inline_max_bytes: int = 16_384
+    """Payloads up to this size ride inside the task message; larger ones by reference."""
+    max_payload_bytes: int = 256 * 1024 * 1024
+    """Largest encoded chunk the client sends (the worker checks again)."""
+    input_ttl_s: int = 86_400
+    """How long a payload waits in Redis for a worker."""
+    result_ttl_s: int = 86_400
+    """How long results are kept (set by the worker from the envelope)."""
+    registry_ttl_s: float = 2.0
+    """How long a resolved ``name`` -> version is cached on the client."""
+    publish_retries: int = 5
+    """Attempts to publish a task before raising BrokerError."""
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> ClientSettings:
+        values = env_overrides(cls)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,302 @@
+"""The wire contract between producers and workers: the one module both sides import.
+
+Task messages are JSON (Celery's ``json`` serializer; pickle is never accepted). The
+rows of a task travel as Arrow IPC stream bytes, by reference (a Redis key with a TTL)
+or, when small, inline as base64. One task carries one or more *items*: a chunk of a
+big job is one item; coalesced small jobs are several items whose rows are
+concatenated in order. Results are stored per item under ``result_key`` and announced
+on the producer's reply list. Every decoding failure raises ``PayloadError``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import pyarrow as pa
+
+from producers.errors import PayloadError, PayloadTooLarge, RemoteError
+
+__all__ = [
+    "CELERY_WIRE_CONFIG",
+    "DEVICES",
+    "FRAMEWORKS",
+    "SCHEMA_VERSION",
+    "TASK_NAME",
+    "Item",
+    "Keys",
+    "Notice",
+    "Status",
+    "TaskEnvelope",
+    "decode_notice",
+    "decode_result",
+    "decode_table",
+    "encode_error",
+    "encode_notice",
+    "encode_result",
+    "encode_table",
+    "queue_for",
+]
+
+SCHEMA_VERSION = 1
+TASK_NAME = "hetbatch.predict"
+FRAMEWORKS = ("sklearn", "onnx", "torch", "tensorflow")
+DEVICES = ("cpu", "gpu")
+
+# Shared by the producer's and the worker's Celery apps: JSON only, so a pickled
+# message is refused by kombu before any task code sees it.
+CELERY_WIRE_CONFIG: dict[str, Any] = {
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "accept_content": ["json"],
+    "result_accept_content": ["json"],
+    "event_serializer": "json",
+}
+
+_OK = b"A"  # result tag: Arrow IPC follows
+_ERR = b"E"  # result tag: JSON RemoteError follows
+
+
+class Status(str, Enum):
+    """Where a job stands, as ``Job.status()`` reports it."""
+
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    LOST = "lost"
+    UNKNOWN = "unknown"
+
+
+def queue_for(framework: str, device: str) -> str:
+    """Name of the queue that carries jobs for one framework on one kind of device."""
+    return f"{framework}.{device}"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Redis key names, all under one prefix so several deployments can share a Redis."""
+
+    prefix: str = "hb"
+
+    def input(self, job_id: str, chunk: int) -> str:
+        return f"{self.prefix}:in:{job_id}:{chunk}"
+
+    def pack(self, pack_id: str) -> str:
+        return f"{self.prefix}:in:{pack_id}"
+
+    def result(self, job_id: str, chunk: int) -> str:
+        return f"{self.prefix}:res:{job_id}:{chunk}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def reply(self, client_id: str) -> str:
+        return f"{self.prefix}:reply:{client_id}"
+
+    def models(self) -> str:
+        return f"{self.prefix}:models"
+
+    def model(self, name: str) -> str:
+        return f"{self.prefix}:model:{name}"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One job chunk inside a task: ``rows`` consecutive rows of the task payload."""
+
+    job_id: str
+    chunk: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class TaskEnvelope:
+    """The JSON body of one predict task. Tensors never enter it; only references."""
+
+    model: str
+    version: str
+    items: tuple[Item, ...]
+    payload_key: str | None = None
+    payload_b64: str | None = None
+    reply_to: str | None = None
+    deadline: float | None = None  # unix seconds
+    v: int = SCHEMA_VERSION
+
+    @property
+    def rows(self) -> int:
+        return sum(item.rows for item in self.items)
+
+    def describe(self) -> str:
+        """Readable summary for logs and Flower: never the payload."""
+        first = self.items[0].job_id if self.items else "-"
+        return f"{self.model}@{self.version} jobs={len(self.items)} first={first} rows={self.rows}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "v": self.v,
+            "model": self.model,
+            "version": self.version,
+            "items": [[i.job_id, i.chunk, i.rows] for i in self.items],
+        }
+        for name in ("payload_key", "payload_b64", "reply_to", "deadline"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TaskEnvelope:
+        """Parse and check a task body.
+
+        Raises:
+            PayloadError: the body is not a valid envelope of this schema version.
+        """
+        try:
+            if not isinstance(data, dict):
+                raise TypeError("envelope is not an object")
+            if data.get("v") != SCHEMA_VERSION:
+                raise ValueError(f"schema version {data.get('v')!r}, expected {SCHEMA_VERSION}")
+            items = tuple(Item(_str(j), _int(c), _int(r)) for j, c, r in _list(data["items"]))
+            if not items or any(i.rows < 0 or i.chunk < 0 for i in items):
+                raise ValueError("items must be a non-empty list of [job_id, chunk, rows]")
+            env = cls(
+                model=_str(data["model"]),
+                version=_str(data["version"]),
+                items=items,
+                payload_key=_opt(data.get("payload_key"), str),
+                payload_b64=_opt(data.get("payload_b64"), str),
+                reply_to=_opt(data.get("reply_to"), str),
+                deadline=_opt(data.get("deadline"), (int, float)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PayloadError(f"malformed task envelope: {exc}") from exc
+        if (env.payload_key is None) == (env.payload_b64 is None):
+            raise PayloadError("malformed task envelope: needs exactly one of payload_key, payload_b64")
+        return env
+
+    def inline_payload(self) -> bytes:
+        """Decode the inline base64 payload.
+
+        Raises:
+            PayloadError: the base64 text is corrupt.
+        """
+        try:
+            return base64.b64decode(self.payload_b64 or "", validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise PayloadError(f"inline payload is not valid base64: {exc}") from exc
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _opt(value: Any, kind: type | tuple[type, ...]) -> Any:
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise TypeError(f"unexpected {type(value).__name__} value {value!r}")
+    return value
+
+
+def encode_table(table: pa.Table | pa.RecordBatch) -> bytes:
+    """Serialize rows as one Arrow IPC stream (uncompressed: decoding stays zero-copy)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write(table)
+    data: bytes = sink.getvalue().to_pybytes()
+    return data
+
+
+def decode_table(data: bytes | memoryview, *, max_bytes: int | None = None) -> pa.Table:
+    """Read an Arrow IPC stream, checking it fully before any column is used.
+
+    Buffers of the result point into ``data`` (no copy for fixed-width columns).
+
+    Raises:
+        PayloadTooLarge: ``data`` is larger than ``max_bytes``.
+        PayloadError: the bytes are not a valid Arrow IPC stream.
+    """
+    size = len(data)
+    if max_bytes is not None and size > max_bytes:
+        raise PayloadTooLarge(size, max_bytes)
+    try:
+        reader = pa.ipc.open_stream(pa.py_buffer(data))
+        table = reader.read_all()
+        table.validate(full=True)
+    except (pa.ArrowException, OSError, ValueError, TypeError, IndexError) as exc:
+        raise PayloadError(f"payload is not a valid Arrow IPC stream: {exc}") from exc
+    return table
+
+
+def encode_result(table: pa.Table) -> bytes:
+    """A successful item result: tag + Arrow IPC."""
+    return _OK + encode_table(table)
+
+
+def encode_error(error: RemoteError) -> bytes:
+    """A failed item result: tag + JSON (type, message, details)."""
+    body = {"type": error.type, "message": error.message, "details": error.details}
+    return _ERR + json.dumps(body, default=str).encode()
+
+
+def decode_result(data: bytes) -> pa.Table | RemoteError:
+    """Inverse of ``encode_result`` / ``encode_error``.
+
+    Raises:
+        PayloadError: the stored bytes are neither.
+    """
+    tag, body = data[:1], memoryview(data)[1:]
+    if tag == _OK:
+        return decode_table(body)
+    if tag == _ERR:
+        try:
+            obj = json.loads(bytes(body))
+            return RemoteError(str(obj["type"]), str(obj["message"]), dict(obj.get("details") or {}))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PayloadError(f"stored error result is corrupt: {exc}") from exc
+    raise PayloadError(f"stored result has unknown tag {tag!r}")
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A worker's announcement on the producer's reply list that an item finished.
+
+    ``result`` carries the stored result bytes when they are small, so the producer
+    needs no further round trip; otherwise the producer reads ``Keys.result``.
+    """
+
+    job_id: str
+    chunk: int
+    result: bytes | None = None
+
+
+def encode_notice(notice: Notice) -> bytes:
+    head = json.dumps([notice.job_id, notice.chunk]).encode()
+    return head + b"\n" + (notice.result or b"")
+
+
+def decode_notice(data: bytes) -> Notice:
+    """Raises PayloadError on a malformed notice."""
+    head, sep, rest = data.partition(b"\n")
+    try:
+        job_id, chunk = json.loads(head)
+        return Notice(str(job_id), int(chunk), rest if rest else None)
+    except (ValueError, TypeError) as exc:
+        raise PayloadError(f"malformed reply notice: {exc}") from exc

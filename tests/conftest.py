@@ -1,0 +1,45 @@
+"""Fixtures: a private real Redis per session, real worker processes, real models."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from producers import Client
+from tests.helpers import WorkerProcess
+from worker.redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A private redis-server, so tests never touch a shared Redis or each other."""
+    url = os.environ.get("HETBATCH_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    server = RedisServer()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hetbatch")
+
+
+@pytest.fixture(scope="session")
+def cpu_worker(redis_url: str, work_dir: Path) -> Iterator[WorkerProcess]:
+    """One real CPU worker for the session (threads pool, all cpu queues)."""
+    proc = WorkerProcess(redis_url, work_dir)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture()
+def client(redis_url: str) -> Iterator[Client]:
+    c = Client.from_url(redis_url)
+    yield c
+    c.close()

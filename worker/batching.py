@@ -1,0 +1,198 @@
+"""Dynamic batching: pure merge/split, and a thin accumulator thread per model.
+
+Requests for the same model that arrive within ``max_delay_ms`` of the first are
+merged into one call of at most ``max_batch_rows`` rows (a larger request is cut).
+Outputs are split back by row ranges; each output must have exactly as many rows as
+the merged input. A failing merged call is bisected, so only the request that makes
+the model raise fails. An out-of-memory error halves the rows per call and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from adapters.base import PredictError
+
+__all__ = ["BatchStats", "Batcher", "Request", "is_oom", "merge", "split"]
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class Request:
+    """Rows of one job item waiting for a model call."""
+
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    future: Future[Arrays] = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one model call looked like, for metrics."""
+
+    rows: int
+    requests: int
+    queue_wait_s: float
+    compute_s: float
+
+
+def merge(requests: Sequence[Request]) -> tuple[Arrays, list[slice]]:
+    """Concatenate the requests' inputs; one request passes through without a copy."""
+    slices, start = [], 0
+    for req in requests:
+        slices.append(slice(start, start + req.rows))
+        start += req.rows
+    if len(requests) == 1:
+        return dict(requests[0].inputs), slices
+    names = list(requests[0].inputs)
+    return {n: np.concatenate([r.inputs[n] for r in requests]) for n in names}, slices
+
+
+def split(outputs: Mapping[str, np.ndarray], slices: Sequence[slice]) -> list[Arrays]:
+    """Cut merged outputs back into per-request outputs (views, no copy).
+
+    Raises:
+        PredictError: an output's length differs from the merged input's.
+    """
+    rows = slices[-1].stop if slices else 0
+    for name, arr in outputs.items():
+        if np.ndim(arr) == 0 or len(arr) != rows:
+            raise PredictError(f"output {name!r} has {np.shape(arr)[:1]} rows for {rows} input rows")
+    return [{n: a[s] for n, a in outputs.items()} for s in slices]
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Out of memory, on the host or on a device, whatever the framework."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ in ("OutOfMemoryError", "ResourceExhaustedError"):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "failed to allocate memory" in text
+
+
+def _concat(parts: list[Arrays]) -> Arrays:
+    if len(parts) == 1:
+        return parts[0]
+    return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+
+
+class Batcher:
+    """Coalesces requests for one model and runs them on one thread.
+
+    Args:
+        predict: the model call (named arrays in, named arrays out).
+        max_batch_rows: most rows per model call.
+        max_delay_ms: longest wait for more requests after the first.
+        on_batch: called after every model call with its stats.
+    """
+
+    def __init__(
+        self,
+        predict: Callable[[Mapping[str, np.ndarray]], Arrays],
+        *,
+        max_batch_rows: int,
+        max_delay_ms: float,
+        name: str = "model",
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self._predict = predict
+        self.max_batch_rows = max(1, max_batch_rows)
+        self.max_delay_s = max(0.0, max_delay_ms) / 1000.0
+        self.name = name
+        self._on_batch = on_batch
+        self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
+        self._held: Request | None = None
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> Future[Arrays]:
+        req = Request(inputs, rows)
+        self._queue.put(req)
+        return req.future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _next(self, timeout: float | None) -> Request | None:
+        if self._held is not None:
+            req, self._held = self._held, None
+            return req
+        return self._queue.get(timeout=timeout) if timeout is None or timeout > 0 else self._queue.get_nowait()
+
+    def _gather(self) -> list[Request] | None:
+        first = self._next(None)
+        if first is None:
+            return None
+        batch, rows = [first], first.rows
+        deadline = time.monotonic() + self.max_delay_s
+        while rows < self.max_batch_rows:
+            try:
+                req = self._next(deadline - time.monotonic())
+            except queue.Empty:
+                break
+            if req is None:
+                self._queue.put(None)
+                break
+            if rows + req.rows > self.max_batch_rows:
+                self._held = req  # starts the next batch
+                break
+            batch.append(req)
+            rows += req.rows
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._gather()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _run(self, batch: list[Request]) -> None:
+        started = time.monotonic()
+        try:
+            merged, slices = merge(batch)
+            outputs = split(self._call(merged, slices[-1].stop), slices)
+        except Exception as exc:
+            if len(batch) > 1:
+                mid = len(batch) // 2
+                log.info("batch of %d requests for %s failed (%s); bisecting", len(batch), self.name, exc)
+                self._run(batch[:mid])
+                self._run(batch[mid:])
+            else:
+                batch[0].future.set_exception(exc)
+            return
+        for req, out in zip(batch, outputs):
+            req.future.set_result(out)
+        if self._on_batch is not None:
+            wait = started - min(r.enqueued for r in batch)
+            self._on_batch(BatchStats(slices[-1].stop, len(batch), wait, time.monotonic() - started))
+
+    def _call(self, merged: Mapping[str, np.ndarray], rows: int) -> Arrays:
+        """Run the model in pieces of at most max_batch_rows, halving them on OOM."""
+        step, start, parts = self.max_batch_rows, 0, []
+        while start < rows:
+            piece = merged if (start == 0 and rows <= step) else {n: a[start : start + step] for n, a in merged.items()}
+            try:
+                out = self._predict(piece)
+            except Exception as exc:
+                if not is_oom(exc) or step == 1:
+                    raise
+                step = max(1, min(step, rows - start) // 2)
+                log.warning("%s ran out of memory; retrying with %d rows per call", self.name, step)
+                continue
+            n = min(step, rows - start)
+            parts.append(split(out, [slice(0, n)])[0])
+            start += n
+        return _concat(parts)

@@ -1,0 +1,158 @@
+"""What a worker does with one predict task: decode, validate, batch, store results.
+
+Every failure that concerns a job becomes that job's stored error result; the
+worker thread never dies of bad input, and the other items of the task go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, cast
+
+import numpy as np
+import pyarrow as pa
+import redis
+
+from producers.errors import HetbatchError, JobExpired, JobLost, PayloadError, RemoteError, SchemaMismatch
+from producers.registry import ModelSpec, Registry
+from producers.schema import arrays_to_table, table_to_arrays
+from producers.wire import Item, Keys, TaskEnvelope, decode_table, encode_error, encode_result
+from worker.batching import BatchStats
+from worker.models import ModelCache
+from worker.results import Outcome, ResultWriter
+from worker.settings import WorkerSettings
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger(__name__)
+
+
+def _error(item: Item, exc: BaseException) -> Outcome:
+    return Outcome(item.job_id, item.chunk, encode_error(RemoteError.from_exception(exc)))
+
+
+def _check_finite(arrays: Mapping[str, np.ndarray], start: int, rows: int) -> None:
+    for name, arr in arrays.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr[start : start + rows]).all():
+            raise SchemaMismatch(
+                "NaN or inf values, and this model rejects them",
+                column=name,
+                expected="finite values",
+                received="NaN/inf",
+            )
+
+
+class Runtime:
+    """The per-process state a worker's tasks share: Redis, the models, the batchers."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.registry = Registry(self.redis, self.keys)
+        self.models = ModelCache(self.registry, settings, on_batch=self._record_batch)
+        self.writer = ResultWriter(
+            self.redis, self.keys, ttl_s=settings.result_ttl_s, inline_bytes=settings.notice_inline_bytes
+        )
+
+    def handle(self, body: Any) -> dict[str, Any]:
+        """Run one task body; returns a small summary (what Flower shows as the result)."""
+        try:
+            env = TaskEnvelope.from_dict(body)
+        except PayloadError as exc:
+            # No job id to answer to: nothing can be stored, so say it loudly.
+            log.error("dropped a task with a malformed envelope: %s", exc)
+            return {"error": str(exc)}
+        todo = self._pending_items(env)
+        if not todo:
+            return {"model": env.model, "duplicate": len(env.items)}
+        outcomes = self._run(env, todo)
+        self.writer.write(outcomes, env.reply_to)
+        if env.payload_key is not None:
+            self.redis.delete(env.payload_key)
+        failed = sum(1 for o in outcomes if o.result[:1] == b"E")
+        return {"model": f"{env.model}@{env.version}", "items": len(outcomes), "failed": failed, "rows": env.rows}
+
+    def _pending_items(self, env: TaskEnvelope) -> list[tuple[int, Item]]:
+        """(row offset, item) of the items that have no stored result yet."""
+        done = self.writer.existing(self.redis, [(i.job_id, i.chunk) for i in env.items])
+        out, offset = [], 0
+        for item, stored in zip(env.items, done):
+            if not stored:
+                out.append((offset, item))
+            offset += item.rows
+        return out
+
+    def _run(self, env: TaskEnvelope, todo: list[tuple[int, Item]]) -> list[Outcome]:
+        if env.deadline is not None and time.time() > env.deadline:
+            late = time.time() - env.deadline
+            return [
+                _error(i, JobExpired(i.job_id, f"deadline passed {late:.1f} s before it ran; the model was not called"))
+                for _, i in todo
+            ]
+        try:
+            spec = self.models.spec(f"{env.model}@{env.version}")
+            arrays = table_to_arrays(self._table(env), spec.inputs)
+            model = self.models.get(spec)
+        except Exception as exc:  # everything here is about the whole task's input
+            if not isinstance(exc, HetbatchError):
+                log.warning("task for %s failed before batching: %s", env.describe(), exc)
+            return [_error(i, exc) for _, i in todo]
+        futures: list[tuple[Item, Future[dict[str, np.ndarray]] | Outcome]] = []
+        for offset, item in todo:
+            try:
+                if spec.nan == "reject":
+                    _check_finite(arrays, offset, item.rows)
+                if item.rows == 0:
+                    raise SchemaMismatch("the job has no rows; nothing to predict")
+                view = {n: a[offset : offset + item.rows] for n, a in arrays.items()}
+                futures.append((item, model.batcher.submit(view, item.rows)))
+            except HetbatchError as exc:
+                futures.append((item, _error(item, exc)))
+        return [self._outcome(item, f, spec) for item, f in futures]
+
+    def _outcome(self, item: Item, pending: Future[dict[str, np.ndarray]] | Outcome, spec: ModelSpec) -> Outcome:
+        if isinstance(pending, Outcome):
+            return pending
+        try:
+            outputs = pending.result(timeout=self.settings.task_timeout_s)
+            return Outcome(item.job_id, item.chunk, encode_result(self._select(outputs, spec)))
+        except FutureTimeout:
+            return _error(item, TimeoutError(f"no model result within {self.settings.task_timeout_s} s"))
+        except Exception as exc:
+            return _error(item, exc)
+
+    @staticmethod
+    def _select(outputs: Mapping[str, np.ndarray], spec: ModelSpec) -> pa.Table:
+        names = [n for n in spec.outputs if n in outputs] or list(outputs)
+        return arrays_to_table({n: outputs[n] for n in names})
+
+    def _table(self, env: TaskEnvelope) -> pa.Table:
+        if env.payload_key is not None:
+            data = cast(bytes | None, self.redis.get(env.payload_key))
+            if data is None:
+                raise JobLost(env.items[0].job_id, f"input {env.payload_key} is gone (TTL passed or Redis lost it)")
+        else:
+            data = env.inline_payload()
+        table = decode_table(data, max_bytes=self.settings.max_payload_bytes)
+        if table.num_rows != env.rows:
+            raise PayloadError(f"payload has {table.num_rows} rows, the envelope says {env.rows}")
+        return table
+
+    def _record_batch(self, spec: ModelSpec, stats: BatchStats) -> None:
+        key = f"{self.keys.prefix}:stats:{spec.ref}"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(key, "batches", 1)
+        pipe.hincrby(key, "rows", stats.rows)
+        pipe.hincrby(key, "requests", stats.requests)
+        pipe.hincrbyfloat(key, "compute_s", stats.compute_s)
+        pipe.hincrbyfloat(key, "queue_wait_s", stats.queue_wait_s)
+        pipe.execute()
+
+    def close(self) -> None:
+        self.models.close()
+        self.redis.close()

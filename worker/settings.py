@@ -1,0 +1,63 @@
+"""Worker settings: the only place the worker side reads environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from producers.settings import DEFAULT_REDIS_URL, env_overrides
+from producers.wire import FRAMEWORKS, queue_for
+
+__all__ = ["WorkerSettings"]
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """One worker process's knobs (env prefix ``HETBATCH_``). Defaults serve one machine."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    """Broker, registry and result store."""
+    prefix: str = "hb"
+    """Prefix of every hetbatch key in Redis (must match the producers')."""
+    pool: str = "cpu"
+    """``cpu`` or ``gpu``: which queues this worker consumes."""
+    queues: str = ""
+    """Comma-separated queues to consume instead of all of the pool's."""
+    concurrency: int = 32
+    """Task threads: enough tasks in flight for the batcher to coalesce them."""
+    prefetch_multiplier: int = 2
+    """Messages reserved per thread; concurrency x this many are held unacked."""
+    visibility_timeout_s: int = 600
+    """Unacked messages of a dead worker are redelivered after this long."""
+    max_batch_rows: int = 8192
+    """Rows per model call when the model's entry sets none."""
+    max_delay_ms: float = 2.0
+    """How long a batch waits for more rows when the model's entry sets none."""
+    intra_op_threads: int = 0
+    """Threads per model call (0: the framework's default)."""
+    result_ttl_s: int = 86_400
+    """How long stored results live."""
+    notice_inline_bytes: int = 65_536
+    """Results up to this size ride in the reply notice (no extra round trip)."""
+    max_payload_bytes: int = 256 * 1024 * 1024
+    """Largest input payload the worker decodes."""
+    task_timeout_s: float = 300.0
+    """Longest a task waits for its batch before failing its items."""
+    metrics_port: int = 0
+    """Prometheus endpoint port (0: off)."""
+
+    def __post_init__(self) -> None:
+        if self.pool not in ("cpu", "gpu"):
+            raise ValueError(f"pool must be 'cpu' or 'gpu', not {self.pool!r}")
+
+    @property
+    def queue_names(self) -> list[str]:
+        if self.queues:
+            return [q.strip() for q in self.queues.split(",") if q.strip()]
+        return [queue_for(f, self.pool) for f in FRAMEWORKS if not (f == "sklearn" and self.pool == "gpu")]
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> WorkerSettings:
+        values = env_overrides(cls)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
