@@ -75,7 +75,7 @@ class OnnxAdapter(Adapter):
     def describe(self) -> tuple[list[TensorInfo], list[TensorInfo]]:
         def info(arg: object) -> TensorInfo:
             shape = tuple(d if isinstance(d, int) else None for d in getattr(arg, "shape", [])[1:])
-            return TensorInfo(getattr(arg, "name"), _ONNX_DTYPES.get(getattr(arg, "type"), "float32"), shape)
+            return TensorInfo(arg.name, _ONNX_DTYPES.get(arg.type, "float32"), shape)
 
         return [info(i) for i in self.session.get_inputs()], [info(o) for o in self.session.get_outputs()]
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from adapters.base import Adapter, ModelLoadError, TensorInfo, UnsafeArtifact
 
-__all__ = ["SklearnAdapter", "OUTPUT_NAMES"]
+__all__ = ["OUTPUT_NAMES", "SklearnAdapter"]
 
 # Method -> result column name; the same names skl2onnx gives its outputs.
 OUTPUT_NAMES = {

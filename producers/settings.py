@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["ClientSettings", "DEFAULT_REDIS_URL", "env_overrides"]
+__all__ = ["DEFAULT_REDIS_URL", "ClientSettings", "env_overrides"]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -294,7 +294,7 @@ def encode_notice(notice: Notice) -> bytes:
 
 def decode_notice(data: bytes) -> Notice:
     """Raises PayloadError on a malformed notice."""
-    head, sep, rest = data.partition(b"\n")
+    head, _, rest = data.partition(b"\n")
     try:
         job_id, chunk = json.loads(head)
         return Notice(str(job_id), int(chunk), rest if rest else None)

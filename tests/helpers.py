@@ -25,7 +25,7 @@ class WorkerProcess:
         self.log = log_dir / f"worker-{time.monotonic_ns()}.log"
         full_env = dict(os.environ, HETBATCH_REDIS_URL=redis_url, PYTHONUNBUFFERED="1", **(env or {}))
         full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
-        self._fh = open(self.log, "wb")
+        self._fh = open(self.log, "wb")  # noqa: SIM115  # closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "worker", "--loglevel", "INFO", *args],
             stdout=self._fh,

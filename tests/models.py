@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ def onnx_mlp(
     rng = np.random.default_rng(0)
     dims = [features, hidden, hidden, classes]
     nodes, inits, prev = [], [], "x"
-    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
         inits += [
             numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"w{i}"),
             numpy_helper.from_array(np.zeros(b, np.float32), f"b{i}"),

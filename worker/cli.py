@@ -183,8 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-rows", type=int, default=65_536, help="rows per job")
     p.add_argument("--in-flight", type=int, default=4, help="jobs submitted ahead of the one being written")
     p.add_argument("--timeout-s", type=float, default=600.0)
-    p.add_argument("--cast", default="safe", choices=["safe", "same_kind", "unsafe"],
-                   help="how far input dtypes may be converted (default: lossless only)")
+    p.add_argument(
+        "--cast",
+        default="safe",
+        choices=["safe", "same_kind", "unsafe"],
+        help="how far input dtypes may be converted (default: lossless only)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 
@@ -202,8 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "models" and args.action in ("register", "show") and not args.path:
         parser.error(f"models {args.action} needs a PATH or NAME")
-    from producers.errors import HetbatchError
     from adapters import AdapterError
+    from producers.errors import HetbatchError
 
     try:
         return int(args.func(args))

@@ -24,9 +24,9 @@ __all__ = ["run_demo"]
 
 def _build_models(root: Path) -> tuple[Any, list[str]]:
     import skops.io as sio
+    from skl2onnx import to_onnx
     from sklearn.datasets import load_breast_cancer
     from sklearn.ensemble import RandomForestClassifier
-    from skl2onnx import to_onnx
 
     from worker.registration import write_config
 
@@ -37,13 +37,18 @@ def _build_models(root: Path) -> tuple[Any, list[str]]:
     (root / "forest").mkdir(parents=True, exist_ok=True)
     sio.dump(forest, root / "forest" / "model.skops")
     inputs = [{"name": "X", "dtype": "float32", "shape": [len(features)], "columns": features}]
-    write_config(root / "forest", name="demo-forest", framework="sklearn", artifact="model.skops",
-                 options={"dtype": "float32"}, inputs=inputs)
+    write_config(
+        root / "forest",
+        name="demo-forest",
+        framework="sklearn",
+        artifact="model.skops",
+        options={"dtype": "float32"},
+        inputs=inputs,
+    )
     onx = to_onnx(forest, X[:1], options={"zipmap": False}, target_opset=17)
     (root / "forest-onnx").mkdir(parents=True, exist_ok=True)
     (root / "forest-onnx" / "model.onnx").write_bytes(onx.SerializeToString())
-    write_config(root / "forest-onnx", name="demo-forest-onnx", framework="onnx", artifact="model.onnx",
-                 inputs=inputs)
+    write_config(root / "forest-onnx", name="demo-forest-onnx", framework="onnx", artifact="model.onnx", inputs=inputs)
     return forest, features
 
 
@@ -62,8 +67,12 @@ def _write_parquet(path: Path, features: list[str], rows: int) -> np.ndarray:
 
 def _start_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, HETBATCH_REDIS_URL=url, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--pool", "cpu", "--loglevel", "INFO"],
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "worker", "--pool", "cpu", "--loglevel", "INFO"],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     deadline = time.monotonic() + 60
     while b" ready." not in log.read_bytes():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -100,15 +109,28 @@ def run_demo(rows: int = 200_000, redis_url: str | None = None, workdir: str = "
         worker = _start_worker(url, root / "worker.log")
         print(f"worker up (log: {root / 'worker.log'}); scoring {rows:,} rows through queue onnx.cpu")
         started = time.perf_counter()
-        code = cli_main(["--redis-url", url, "run", "--model", "demo-forest-onnx", "--input",
-                         str(root / "input.parquet"), "--output", str(root / "output.parquet"), "--keep", "id"])
+        code = cli_main(
+            [
+                "--redis-url",
+                url,
+                "run",
+                "--model",
+                "demo-forest-onnx",
+                "--input",
+                str(root / "input.parquet"),
+                "--output",
+                str(root / "output.parquet"),
+                "--keep",
+                "id",
+            ]
+        )
         queued_s = time.perf_counter() - started
         if code:
             return code
         session = ort.InferenceSession(str(root / "forest-onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
         started = time.perf_counter()
         for start in range(0, rows, 65_536):
-            label, proba = session.run(None, {"X": X[start : start + 65_536]})
+            session.run(None, {"X": X[start : start + 65_536]})
         inproc_s = time.perf_counter() - started
         out = pq.read_table(root / "output.parquet")
         expected_label, expected_proba = session.run(None, {"X": X})
@@ -120,8 +142,13 @@ def run_demo(rows: int = 200_000, redis_url: str | None = None, workdir: str = "
         print()
         print("hetbatch demo summary")
         print(f"  rows scored               {rows:,} (model demo-forest-onnx, queue onnx.cpu)")
-        print(f"  through the queue         {queued_s:.2f} s  = {rows / queued_s:,.0f} rows/s (Parquet in -> Parquet out)")
-        print(f"  same model in-process     {inproc_s:.2f} s  = {rows / inproc_s:,.0f} rows/s (ratio {inproc_s / queued_s:.2f})")
+        print(
+            f"  through the queue         {queued_s:.2f} s  = {rows / queued_s:,.0f} rows/s (Parquet in -> Parquet out)"
+        )
+        print(
+            f"  same model in-process     {inproc_s:.2f} s  = {rows / inproc_s:,.0f} rows/s "
+            f"(ratio {inproc_s / queued_s:.2f})"
+        )
         print(f"  labels equal in-process   {same:,}/{rows:,}; max |prob diff| {max_diff:.2e}")
         print(f"  agreement with sklearn    {native_agree:.4f} on 20,000 rows")
         ids = out.column("id").to_numpy()[:3]

@@ -18,9 +18,10 @@ A minimal ``model.toml``::
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from adapters import Adapter, adapter_class, sha256_of
 from producers.errors import ConfigError

@@ -1,0 +1,112 @@
+"""Merge/split and the accumulator, without a broker."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from adapters.base import PredictError
+from worker.batching import Batcher, BatchStats, Request, merge, split
+
+
+def double(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"y": inputs["x"] * 2}
+
+
+def test_merge_then_split_gives_each_request_its_rows() -> None:
+    reqs = [Request({"x": np.full((n, 2), n, np.float32)}, n) for n in (1, 3, 2)]
+    merged, slices = merge(reqs)
+    assert merged["x"].shape == (6, 2)
+    parts = split(double(merged), slices)
+    for req, part in zip(reqs, parts):
+        np.testing.assert_array_equal(part["y"], req.inputs["x"] * 2)
+
+
+def test_a_single_request_is_not_copied() -> None:
+    x = np.ones((4, 2))
+    merged, _ = merge([Request({"x": x}, 4)])
+    assert merged["x"] is x
+
+
+def test_split_enforces_the_output_length_invariant() -> None:
+    with pytest.raises(PredictError, match="3 input rows"):
+        split({"y": np.zeros(2)}, [slice(0, 3)])
+
+
+def _batcher(predict, **kw):  # type: ignore[no-untyped-def]
+    stats: list[BatchStats] = []
+    kw.setdefault("max_batch_rows", 64)
+    kw.setdefault("max_delay_ms", 50)
+    return Batcher(predict, on_batch=stats.append, **kw), stats
+
+
+def test_concurrent_requests_are_coalesced() -> None:
+    batcher, stats = _batcher(double)
+    start = threading.Barrier(16)
+    futures = []
+
+    def go(i: int) -> None:
+        start.wait()
+        futures.append((i, batcher.submit({"x": np.full((2, 1), i, np.float64)}, 2)))
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, fut in futures:
+        np.testing.assert_array_equal(fut.result(timeout=5)["y"], np.full((2, 1), 2 * i))
+    assert len(stats) < 16 and sum(s.rows for s in stats) == 32
+    batcher.close()
+
+
+def test_a_big_request_is_cut_to_max_batch_rows() -> None:
+    seen: list[int] = []
+
+    def record(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seen.append(len(inputs["x"]))
+        return double(inputs)
+
+    batcher, _ = _batcher(record, max_batch_rows=10)
+    out = batcher.submit({"x": np.arange(25.0)[:, None]}, 25).result(timeout=5)
+    np.testing.assert_array_equal(out["y"][:, 0], np.arange(25.0) * 2)
+    assert seen == [10, 10, 5]
+    batcher.close()
+
+
+def test_a_poisoned_request_fails_alone_after_bisection() -> None:
+    def picky(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if (inputs["x"] < 0).any():
+            raise ValueError("negative input")
+        return double(inputs)
+
+    batcher, _ = _batcher(picky, max_batch_rows=1000, max_delay_ms=200)
+    futures = [batcher.submit({"x": np.full((1, 1), -1.0 if i == 37 else float(i))}, 1) for i in range(64)]
+    results = []
+    for i, fut in enumerate(futures):
+        if i == 37:
+            with pytest.raises(ValueError, match="negative"):
+                fut.result(timeout=5)
+        else:
+            results.append(fut.result(timeout=5)["y"][0, 0] == 2 * i)
+    assert len(results) == 63 and all(results)
+    batcher.close()
+
+
+def test_out_of_memory_halves_the_batch_and_succeeds() -> None:
+    calls: list[int] = []
+
+    def small_memory(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(len(inputs["x"]))
+        if len(inputs["x"]) > 16:
+            raise MemoryError("out of memory")
+        return double(inputs)
+
+    batcher, _ = _batcher(small_memory, max_batch_rows=64)
+    out = batcher.submit({"x": np.arange(64.0)[:, None]}, 64).result(timeout=5)
+    np.testing.assert_array_equal(out["y"][:, 0], np.arange(64.0) * 2)
+    assert calls[:3] == [64, 32, 16] and sum(c for c in calls if c <= 16) == 64
+    batcher.close()
