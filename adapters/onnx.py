@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -73,8 +74,8 @@ class OnnxAdapter(Adapter):
         return str(self.session.get_providers()[0])
 
     def describe(self) -> tuple[list[TensorInfo], list[TensorInfo]]:
-        def info(arg: object) -> TensorInfo:
-            shape = tuple(d if isinstance(d, int) else None for d in getattr(arg, "shape", [])[1:])
+        def info(arg: Any) -> TensorInfo:
+            shape = tuple(d if isinstance(d, int) else None for d in arg.shape[1:])
             return TensorInfo(arg.name, _ONNX_DTYPES.get(arg.type, "float32"), shape)
 
         return [info(i) for i in self.session.get_inputs()], [info(o) for o in self.session.get_outputs()]

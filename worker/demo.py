@@ -59,7 +59,8 @@ def _write_parquet(path: Path, features: list[str], rows: int) -> np.ndarray:
 
     base = load_breast_cancer().data.astype(np.float32)
     rng = np.random.default_rng(42)
-    X = base[rng.integers(0, len(base), rows)] * rng.normal(1.0, 0.05, (rows, base.shape[1])).astype(np.float32)
+    noise = rng.normal(1.0, 0.05, (rows, base.shape[1])).astype(np.float32)
+    X: np.ndarray = base[rng.integers(0, len(base), rows)] * noise
     columns = {"id": pa.array(np.arange(rows))} | {f: pa.array(X[:, j]) for j, f in enumerate(features)}
     pq.write_table(pa.table(columns), path, row_group_size=65_536)
     return X
