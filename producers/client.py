@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 import uuid
@@ -10,6 +11,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, cast
 
+import numpy as np
 import pyarrow as pa
 import redis
 from celery import Celery
@@ -23,8 +25,9 @@ from producers.errors import (
     RemoteError,
     SchemaMismatch,
 )
+from producers.publish import TRANSPORT_OPTIONS, celery_message, priority_list
 from producers.registry import ModelSpec, Registry, Spec
-from producers.schema import CastRule, to_table, unwrap_tensors
+from producers.schema import CastRule, arrays_to_table, to_arrays, to_table, unwrap_tensors
 from producers.settings import ClientSettings
 from producers.wire import (
     CELERY_WIRE_CONFIG,
@@ -41,6 +44,14 @@ from producers.wire import (
 __all__ = ["Client", "Job", "make_producer_app"]
 
 _PRIORITIES = {"high": 0, "normal": 5, "low": 9}
+_FLUSH_BYTES = 1 << 20
+
+
+def _priority(name: str) -> int:
+    level = _PRIORITIES.get(name)
+    if level is None:
+        raise ValueError(f"priority must be one of {sorted(_PRIORITIES)}, not {name!r}")
+    return level
 
 
 def make_producer_app(url: str) -> Celery:
@@ -50,7 +61,7 @@ def make_producer_app(url: str) -> Celery:
         CELERY_WIRE_CONFIG,
         broker_connection_retry_on_startup=True,
         task_create_missing_queues=True,
-        broker_transport_options={"priority_steps": list(range(10)), "sep": ":", "queue_order_strategy": "priority"},
+        broker_transport_options=dict(TRANSPORT_OPTIONS),
     )
     return app
 
@@ -126,12 +137,19 @@ class Client:
         self.registry = Registry(self.redis, self.keys)
         self.id = uuid.uuid4().hex
         self._reply_key = self.keys.reply(self.id)
-        self._app = make_producer_app(self.settings.redis_url)
+        self._celery: Celery | None = None
         self._waiters: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
         self._listener: threading.Thread | None = None
         self._closed = threading.Event()
         self._specs: dict[str, tuple[float, Spec]] = {}
+
+    @property
+    def _app(self) -> Celery:
+        """A Celery app on the same broker, for Celery-level operations (built on first use)."""
+        if self._celery is None:
+            self._celery = make_producer_app(self.settings.redis_url)
+        return self._celery
 
     @classmethod
     def from_url(cls, url: str, **settings: Any) -> Client:
@@ -150,7 +168,8 @@ class Client:
         if self._listener is not None:
             self._listener.join(timeout=5)
         self.redis.close()
-        self._app.close()
+        if self._celery is not None:
+            self._celery.close()
 
     # -- registry ------------------------------------------------------------
 
@@ -195,22 +214,31 @@ class Client:
             ModelNotFound, SchemaMismatch, PayloadTooLarge, BrokerError.
         """
         spec = self.spec(model)
+        level = _priority(priority)
         table = self._prepare(spec, data, cast)
         step = chunk_rows or self.settings.chunk_rows
-        parts = [table.slice(start, step) for start in range(0, table.num_rows, step)]
-        job_id = uuid.uuid4().hex
+        starts = range(0, table.num_rows, step)
+        job = self._track(uuid.uuid4().hex, spec.ref, len(starts), table.num_rows)
         deadline = time.time() + deadline_s if deadline_s is not None else None
-        envelopes = []
         pipe = self.redis.pipeline(transaction=False)
-        for chunk, part in enumerate(parts):
-            item = Item(job_id, chunk, part.num_rows)
-            envelopes.append(
-                self._envelope(spec, [item], encode_table(part), self.keys.input(job_id, chunk), pipe, deadline)
-            )
-        self._record_job(pipe, job_id, spec, len(parts), table.num_rows)
-        self._execute(pipe)
-        job = self._track(job_id, spec.ref, len(parts), table.num_rows)
-        self._publish(spec, envelopes, priority)
+        self._record_job(pipe, job)
+        buffered = 0
+        try:
+            for chunk, start in enumerate(starts):
+                part = table.slice(start, step)
+                blob = encode_table(part)
+                env = self._envelope(
+                    spec, [Item(job.id, chunk, part.num_rows)], blob, self.keys.input(job.id, chunk), pipe, deadline
+                )
+                self._enqueue(pipe, spec, env, level)
+                buffered += len(blob)
+                if buffered >= _FLUSH_BYTES:  # let workers start on early chunks of a big job
+                    self._execute(pipe)
+                    buffered = 0
+            self._execute(pipe)
+        except Exception:
+            self._untrack(job.id)
+            raise
         return job
 
     def submit_many(
@@ -226,48 +254,58 @@ class Client:
         """Submit many small jobs, packed several to a task message.
 
         Each job keeps its own id, result and error; packing only saves broker
-        messages (the per-message cost dominates small jobs).
+        messages (the per-message cost dominates small jobs). Everything goes out in
+        one pipelined round trip per ~1 MB.
 
         Raises:
             ModelNotFound, SchemaMismatch (naming the job's position), BrokerError.
         """
         spec = self.spec(model)
+        level = _priority(priority)
         limit = pack_rows or spec.max_batch_rows or 4096
         deadline = time.time() + deadline_s if deadline_s is not None else None
         jobs: list[Job] = []
-        envelopes: list[TaskEnvelope] = []
-        pack_tables: list[pa.Table] = []
-        pack_items: list[Item] = []
-        pack_size = 0
+        pack: list[dict[str, np.ndarray]] = []
+        items: list[Item] = []
+        pack_rows_now = 0
         pipe = self.redis.pipeline(transaction=False)
 
         def flush() -> None:
-            nonlocal pack_size
-            if not pack_items:
+            nonlocal pack_rows_now
+            if not items:
                 return
-            pack_id = uuid.uuid4().hex
-            blob = encode_table(pa.concat_tables(pack_tables) if len(pack_tables) > 1 else pack_tables[0])
-            envelopes.append(self._envelope(spec, pack_items.copy(), blob, self.keys.pack(pack_id), pipe, deadline))
-            pack_tables.clear()
-            pack_items.clear()
-            pack_size = 0
+            names = list(pack[0])
+            merged = {n: np.concatenate([p[n] for p in pack]) if len(pack) > 1 else pack[0][n] for n in names}
+            blob = encode_table(arrays_to_table(merged))
+            env = self._envelope(spec, items, blob, self.keys.pack(uuid.uuid4().hex), pipe, deadline)
+            self._enqueue(pipe, spec, env, level)
+            pack.clear()
+            items.clear()
+            pack_rows_now = 0
 
-        for position, data in enumerate(datas):
-            try:
-                table = self._prepare(spec, data, cast)
-            except SchemaMismatch as exc:
-                raise SchemaMismatch(f"job #{position} of submit_many: {exc}") from exc
-            job_id = uuid.uuid4().hex
-            if pack_size + table.num_rows > limit:
-                flush()
-            pack_tables.append(table)
-            pack_items.append(Item(job_id, 0, table.num_rows))
-            pack_size += table.num_rows
-            self._record_job(pipe, job_id, spec, 1, table.num_rows)
-            jobs.append(self._track(job_id, spec.ref, 1, table.num_rows))
-        flush()
-        self._execute(pipe)
-        self._publish(spec, envelopes, priority)
+        try:
+            for position, data in enumerate(datas):
+                try:
+                    arrays = to_arrays(data, spec.inputs, cast=cast)
+                except SchemaMismatch as exc:
+                    raise SchemaMismatch(f"job #{position} of submit_many: {exc}") from exc
+                rows = len(next(iter(arrays.values())))
+                if rows == 0:
+                    raise SchemaMismatch(f"job #{position} of submit_many has no rows; nothing to predict")
+                if pack_rows_now + rows > limit:
+                    flush()
+                job = self._track(uuid.uuid4().hex, spec.ref, 1, rows)
+                jobs.append(job)
+                self._record_job(pipe, job)
+                pack.append(arrays)
+                items.append(Item(job.id, 0, rows))
+                pack_rows_now += rows
+            flush()
+            self._execute(pipe)
+        except Exception:
+            for job in jobs:
+                self._untrack(job.id)
+            raise
         return jobs
 
     def predict(self, model: str, data: Any, *, timeout_s: float | None = 300.0, **options: Any) -> pa.Table:
@@ -305,10 +343,11 @@ class Client:
         Raises:
             JobFailed: no record of that job (unknown id or expired).
         """
-        meta = cast(dict[bytes, bytes], self.redis.hgetall(self.keys.job(job_id)))
-        if not meta:
+        raw = cast(bytes | None, self.redis.get(self.keys.job(job_id)))
+        if raw is None:
             raise JobFailed(job_id, RemoteError("JobLost", "no record of this job: unknown id or expired"))
-        return Job(self, job_id, meta[b"model"].decode(), int(meta[b"chunks"]), int(meta[b"rows"]))
+        meta = json.loads(raw)
+        return Job(self, job_id, str(meta["model"]), int(meta["chunks"]), int(meta["rows"]))
 
     # -- internals -----------------------------------------------------------
 
@@ -337,12 +376,21 @@ class Client:
         pipe.set(key, blob, ex=self.settings.input_ttl_s)
         return TaskEnvelope(payload_key=key, **common)
 
-    def _record_job(self, pipe: Any, job_id: str, spec: ModelSpec, chunks: int, rows: int) -> None:
-        key = self.keys.job(job_id)
-        pipe.hset(key, mapping={"model": spec.ref, "chunks": chunks, "rows": rows, "created": time.time()})
-        pipe.expire(key, self.settings.result_ttl_s)
+    def _record_job(self, pipe: Any, job: Job) -> None:
+        """The job's ledger record, written before its task is published."""
+        meta = {"model": job.model, "chunks": job.chunks, "rows": job.rows, "created": time.time()}
+        pipe.set(self.keys.job(job.id), json.dumps(meta), ex=self.settings.result_ttl_s)
+
+    def _enqueue(self, pipe: Any, spec: ModelSpec, env: TaskEnvelope, level: int) -> None:
+        message = celery_message(TASK_NAME, [env.to_dict()], spec.queue, level, env.describe())
+        pipe.lpush(priority_list(spec.queue, level), message)
 
     def _execute(self, pipe: Any) -> None:
+        """Send the pipeline, retrying connection errors with backoff.
+
+        Raises:
+            BrokerError: Redis stayed unreachable for ``publish_retries`` attempts.
+        """
         for attempt in range(self.settings.publish_retries):
             try:
                 pipe.execute()
@@ -352,29 +400,13 @@ class Client:
                     raise BrokerError(f"Redis at {self._safe_url()} unreachable: {exc}; is it running?") from exc
                 time.sleep(0.1 * 2**attempt)
 
-    def _publish(self, spec: ModelSpec, envelopes: Sequence[TaskEnvelope], priority: str) -> None:
-        level = _PRIORITIES.get(priority)
-        if level is None:
-            raise ValueError(f"priority must be one of {sorted(_PRIORITIES)}, not {priority!r}")
-        try:
-            with self._app.producer_or_acquire() as producer:
-                for env in envelopes:
-                    self._app.send_task(
-                        TASK_NAME,
-                        args=[env.to_dict()],
-                        queue=spec.queue,
-                        priority=level,
-                        producer=producer,
-                        argsrepr=env.describe(),
-                        retry=True,
-                        retry_policy={"max_retries": self.settings.publish_retries},
-                    )
-        except Exception as exc:  # kombu raises many kinds; all mean the same here
-            raise BrokerError(f"could not publish to queue {spec.queue!r} at {self._safe_url()}: {exc}") from exc
-
     def _safe_url(self) -> str:
         kw = self.redis.connection_pool.connection_kwargs
         return f"{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+
+    def _untrack(self, job_id: str) -> None:
+        with self._lock:
+            self._waiters.pop(job_id, None)
 
     def _track(self, job_id: str, ref: str, chunks: int, rows: int) -> Job:
         with self._lock:

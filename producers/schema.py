@@ -19,7 +19,15 @@ import pyarrow as pa
 
 from producers.errors import SchemaMismatch
 
-__all__ = ["CastRule", "TensorSpec", "arrays_to_table", "table_to_arrays", "to_table", "unwrap_tensors"]
+__all__ = [
+    "CastRule",
+    "TensorSpec",
+    "arrays_to_table",
+    "table_to_arrays",
+    "to_arrays",
+    "to_table",
+    "unwrap_tensors",
+]
 
 CastRule = Literal["no", "safe", "same_kind", "unsafe"]
 
@@ -120,7 +128,11 @@ def _cast(arr: np.ndarray, spec: TensorSpec, cast: CastRule) -> np.ndarray:
 
 def _column_values(col: pa.ChunkedArray | pa.Array, spec: TensorSpec, cast: CastRule) -> np.ndarray:
     """Arrow column -> (N, *shape) numpy array (zero-copy where the type already fits)."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if isinstance(col, pa.ChunkedArray):
+        # combine_chunks copies even a single chunk: avoid it on the hot path.
+        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    else:
+        arr = col
     if isinstance(arr.type, pa.FixedShapeTensorType):
         arr = arr.storage
     if arr.null_count:
@@ -212,8 +224,8 @@ def _input_array(data: pa.Table | dict[str, np.ndarray], spec: TensorSpec, cast:
     )
 
 
-def to_table(data: Any, inputs: Sequence[TensorSpec], *, cast: CastRule = "safe") -> pa.Table:
-    """Convert user data to the wire table of a model: one column per input.
+def to_arrays(data: Any, inputs: Sequence[TensorSpec], *, cast: CastRule = "safe") -> dict[str, np.ndarray]:
+    """Convert user data to the model's named input arrays, (N, *shape) each.
 
     Raises:
         SchemaMismatch: an input is missing, has the wrong shape, nulls, or a dtype that
@@ -224,7 +236,16 @@ def to_table(data: Any, inputs: Sequence[TensorSpec], *, cast: CastRule = "safe"
     rows = {len(a) for a in arrays.values()}
     if len(rows) > 1:
         raise SchemaMismatch(f"inputs have different row counts: { {k: len(v) for k, v in arrays.items()} }")
-    return arrays_to_table(arrays)
+    return arrays
+
+
+def to_table(data: Any, inputs: Sequence[TensorSpec], *, cast: CastRule = "safe") -> pa.Table:
+    """Convert user data to the wire table of a model: one column per input.
+
+    Raises:
+        SchemaMismatch: as ``to_arrays``.
+    """
+    return arrays_to_table(to_arrays(data, inputs, cast=cast))
 
 
 def table_to_arrays(table: pa.Table, inputs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from producers.publish import TRANSPORT_OPTIONS
 from producers.wire import CELERY_WIRE_CONFIG, TASK_NAME
 from worker.runtime import Runtime
 from worker.settings import WorkerSettings
@@ -35,12 +36,7 @@ def make_app(settings: WorkerSettings) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout_s,
-            "priority_steps": list(range(10)),
-            "sep": ":",
-            "queue_order_strategy": "priority",
-        },
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s, **TRANSPORT_OPTIONS},
         task_queues=[Queue(q, Exchange(q), routing_key=q) for q in settings.queue_names],
         task_create_missing_queues=True,
     )

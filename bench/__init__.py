@@ -1,0 +1,1 @@
+"""Benchmarks that print ratios against the in-process model call, measured in one run."""

@@ -1,0 +1,231 @@
+"""``make bench`` / ``make bench-quick``: hetbatch against the in-process model call.
+
+Every figure comes from one run on this machine: a private redis-server, real worker
+processes, the same models and rows on both sides. Medians of repeats; ratios are
+hetbatch / in-process (or / naive). Writes ``.bench/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.setup import FEATURES, ROOT, BenchModel, build_models, start_process, start_worker, stop_process
+from producers import Client
+from worker.redis_server import RedisServer
+
+
+def median_time(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def inprocess_rows_s(model: BenchModel, X: np.ndarray, batch: int, repeats: int) -> float:
+    def run() -> None:
+        for start in range(0, len(X), batch):
+            model.call({model.input_name: X[start : start + batch]})
+
+    run()  # warm
+    return len(X) / median_time(run, repeats)
+
+
+def large_job_rows_s(client: Client, name: str, X: np.ndarray, repeats: int) -> float:
+    client.predict(name, X[:256], timeout_s=120)  # load the model on the worker
+    return len(X) / median_time(lambda: client.predict(name, X, timeout_s=600), repeats)
+
+
+def small_pieces(X: np.ndarray, jobs: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 17, jobs)
+    starts = rng.integers(0, len(X) - 16, jobs)
+    return [X[s : s + n] for s, n in zip(starts, sizes)]
+
+
+def small_jobs_s(client: Client, name: str, pieces: list[np.ndarray], coalesce: bool) -> float:
+    started = time.perf_counter()
+    if coalesce:
+        jobs = client.submit_many(name, pieces)
+    else:
+        jobs = [client.submit(name, p) for p in pieces]
+    for job in jobs:
+        job.result(timeout_s=600)
+    return len(pieces) / (time.perf_counter() - started)
+
+
+def _producer_process(url: str, name: str, jobs: int, seed: int, out: Any) -> None:
+    X = np.random.default_rng(seed).standard_normal((4096, FEATURES)).astype(np.float32)
+    with Client.from_url(url) as client:
+        pieces = small_pieces(X, jobs, seed)
+        client.predict(name, pieces[0], timeout_s=60)
+        out.put(small_jobs_s(client, name, pieces, coalesce=False))
+
+
+def many_producers_jobs_s(url: str, name: str, producers: int, jobs_each: int) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_producer_process, args=(url, name, jobs_each, i, queue)) for i in range(producers)]
+    started = time.perf_counter()
+    for p in procs:
+        p.start()
+    rates = [queue.get(timeout=900) for _ in procs]
+    for p in procs:
+        p.join()
+    del started
+    return float(sum(rates))
+
+
+def latency_ms(client: Client, name: str, X: np.ndarray, jobs: int, rate_per_s: float) -> tuple[float, float]:
+    t0 = time.perf_counter() + 0.05
+    lat: list[float] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        delay = t0 + i / rate_per_s - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        started = time.perf_counter()
+        client.submit(name, X[i % len(X) : i % len(X) + 1]).result(timeout_s=60)
+        with lock:
+            lat.append((time.perf_counter() - started) * 1000)
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        list(pool.map(one, range(jobs)))
+    return float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+
+
+def naive_rows_s(url: str, model: Path, X: np.ndarray, rows: int, log_dir: Path) -> tuple[float, float]:
+    """(rows/s of one Celery task per JSON row, no-op Celery task round trips/s)."""
+    env = {"NAIVE_BROKER": url, "NAIVE_MODEL": str(model)}
+    proc = start_process([sys.executable, "-m", "bench.naive"], log_dir / "naive.log", env)
+    try:
+        import os
+
+        os.environ.update(env)
+        from bench.naive import noop, predict
+
+        predict.delay([0.0] * FEATURES).get(timeout=60)
+        started = time.perf_counter()
+        handles = [predict.delay(X[i].tolist()) for i in range(rows)]
+        for h in handles:
+            h.get(timeout=600)
+        naive = rows / (time.perf_counter() - started)
+        started = time.perf_counter()
+        handles = [noop.delay() for _ in range(rows)]
+        for h in handles:
+            h.get(timeout=600)
+        return naive, rows / (time.perf_counter() - started)
+    finally:
+        stop_process(proc)
+
+
+def batch_stats(client: Client, ref: str) -> dict[str, float]:
+    raw = client.redis.hgetall(f"{client.keys.prefix}:stats:{ref}")
+    return {k.decode(): float(v) for k, v in raw.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer rows and jobs: under 3 minutes")
+    parser.add_argument("--models", default="onnx-mlp,forest,forest-onnx,torch-mlp")
+    parser.add_argument("--out", default=str(ROOT / ".bench" / "results.json"))
+    args = parser.parse_args(argv)
+    q = args.quick
+    rows, jobs, naive_n, lat_jobs, repeats = (200_000, 4_000, 1_000, 200, 3) if q else (1_000_000, 20_000, 3_000, 1000, 3)
+    work = Path(args.out).parent
+    work.mkdir(parents=True, exist_ok=True)
+    X = np.random.default_rng(1).standard_normal((rows, FEATURES)).astype(np.float32)
+    results: dict[str, Any] = {"machine": _machine(), "rows": rows, "small_jobs": jobs, "models": {}}
+    with RedisServer() as server:
+        models = build_models(work / "models", args.models.split(","))
+        worker = start_worker(server.url, work / "worker.log")
+        client = Client.from_url(server.url)
+        try:
+            from worker.registration import build_spec
+
+            refs = {n: client.registry.register(build_spec(m.directory)).ref for n, m in models.items()}
+            for name, model in models.items():
+                print(f"[bench] {name}: in-process and one large job of {rows:,} rows...", flush=True)
+                fig: dict[str, Any] = {}
+                fig["inproc_4096_rows_s"] = inprocess_rows_s(model, X, 4096, repeats)
+                fig["inproc_8192_rows_s"] = inprocess_rows_s(model, X, 8192, repeats)
+                client.redis.delete(f"{client.keys.prefix}:stats:{refs[name]}")
+                fig["e2e_large_rows_s"] = large_job_rows_s(client, name, X, repeats)
+                best = max(fig["inproc_4096_rows_s"], fig["inproc_8192_rows_s"])
+                fig["large_ratio"] = fig["e2e_large_rows_s"] / best
+                results["models"][name] = fig
+            mlp = "onnx-mlp"
+            if mlp in models:
+                fig = results["models"][mlp]
+                pieces = small_pieces(X, jobs)
+                print(f"[bench] {mlp}: {jobs:,} small jobs, one producer...", flush=True)
+                client.redis.delete(f"{client.keys.prefix}:stats:{refs[mlp]}")
+                fig["small_coalesced_jobs_s"] = small_jobs_s(client, mlp, pieces, coalesce=True)
+                stats = batch_stats(client, refs[mlp])
+                fig["small_avg_batch_rows"] = stats["rows"] / stats["batches"]
+                fig["worker_model_rows_s"] = stats["rows"] / stats["compute_s"]
+                avg = max(1, int(fig["small_avg_batch_rows"]))
+                fig["inproc_at_formed_batch_rows_s"] = inprocess_rows_s(models[mlp], X[: avg * 200], avg, repeats)
+                fig["worker_model_efficiency"] = fig["worker_model_rows_s"] / fig["inproc_at_formed_batch_rows_s"]
+                fig["small_single_jobs_s"] = small_jobs_s(client, mlp, pieces[: jobs // 4], coalesce=False)
+                print(f"[bench] naive peer and Celery no-op rate ({naive_n:,} tasks each)...", flush=True)
+                naive, noop = naive_rows_s(server.url, models[mlp].directory / "model.onnx", X, naive_n, work)
+                fig["naive_jobs_s"] = naive
+                fig["celery_noop_tasks_s"] = noop
+                fig["coalesced_vs_naive"] = fig["small_coalesced_jobs_s"] / naive
+                fig["single_vs_naive"] = fig["small_single_jobs_s"] / naive
+                print("[bench] many independent producers...", flush=True)
+                fig["many_producers_jobs_s"] = many_producers_jobs_s(server.url, mlp, 4, jobs // 8)
+                fig["many_producers_vs_noop"] = fig["many_producers_jobs_s"] / noop
+                print(f"[bench] latency of 1-row jobs at 100 jobs/s ({lat_jobs} jobs)...", flush=True)
+                fig["latency_p50_ms"], fig["latency_p99_ms"] = latency_ms(client, mlp, X, lat_jobs, 100.0)
+        finally:
+            client.close()
+            stop_process(worker)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print_table(results)
+    print(f"\nall figures: {args.out}")
+    return 0
+
+
+def _machine() -> dict[str, Any]:
+    import os
+    import platform
+
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print(f"\nhetbatch benchmark: {results['rows']:,} rows, {results['machine']['cpus']} CPUs (medians)")
+    print(f"{'model':14} {'in-process rows/s':>18} {'hetbatch rows/s':>16} {'ratio':>6}")
+    for name, fig in results["models"].items():
+        best = max(fig["inproc_4096_rows_s"], fig["inproc_8192_rows_s"])
+        print(f"{name:14} {best:18,.0f} {fig['e2e_large_rows_s']:16,.0f} {fig['large_ratio']:6.2f}")
+    fig = results["models"].get("onnx-mlp", {})
+    if "small_coalesced_jobs_s" in fig:
+        print(f"\nsmall jobs (1-16 rows, onnx-mlp), jobs/s:")
+        print(f"  naive one Celery task per row   {fig['naive_jobs_s']:10,.0f}   1.0x")
+        print(f"  hetbatch, one submit per job    {fig['small_single_jobs_s']:10,.0f}  {fig['single_vs_naive']:5.1f}x")
+        print(f"  hetbatch, submit_many coalesced {fig['small_coalesced_jobs_s']:10,.0f}  {fig['coalesced_vs_naive']:5.1f}x"
+              f"  (avg batch {fig['small_avg_batch_rows']:.0f} rows)")
+        print(f"  4 producer processes, no packing {fig['many_producers_jobs_s']:9,.0f}  "
+              f"= {fig['many_producers_vs_noop']:.2f}x Celery no-op rate ({fig['celery_noop_tasks_s']:,.0f}/s)")
+        print(f"  model inside worker at formed batch: {fig['worker_model_efficiency']:.2f}x in-process")
+        print(f"  latency, 1-row jobs at 100/s: p50 {fig['latency_p50_ms']:.1f} ms, p99 {fig['latency_p99_ms']:.1f} ms")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
