@@ -12,10 +12,18 @@ from typing import Any
 
 from celery import Celery
 
-app = Celery("naive", broker=os.environ.get("NAIVE_BROKER", "redis://127.0.0.1:6379/0"),
-             backend=os.environ.get("NAIVE_BROKER", "redis://127.0.0.1:6379/0"))
-app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json",
-                task_default_queue="naive", worker_hijack_root_logger=False)
+app = Celery(
+    "naive",
+    broker=os.environ.get("NAIVE_BROKER", "redis://127.0.0.1:6379/0"),
+    backend=os.environ.get("NAIVE_BROKER", "redis://127.0.0.1:6379/0"),
+)
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    task_default_queue="naive",
+    worker_hijack_root_logger=False,
+)
 _session: dict[str, Any] = {}
 
 

@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / ".bench" / "results.json"))
     args = parser.parse_args(argv)
     q = args.quick
-    rows, jobs, naive_n, lat_jobs, repeats = (200_000, 4_000, 1_000, 200, 3) if q else (1_000_000, 20_000, 3_000, 1000, 3)
+    rows, jobs, naive_n, lat_jobs, repeats = (
+        (200_000, 4_000, 1_000, 200, 3) if q else (1_000_000, 20_000, 3_000, 1000, 3)
+    )
     work = Path(args.out).parent
     work.mkdir(parents=True, exist_ok=True)
     X = np.random.default_rng(1).standard_normal((rows, FEATURES)).astype(np.float32)
@@ -219,10 +221,14 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"\nsmall jobs (1-16 rows, onnx-mlp), jobs/s:")
         print(f"  naive one Celery task per row   {fig['naive_jobs_s']:10,.0f}   1.0x")
         print(f"  hetbatch, one submit per job    {fig['small_single_jobs_s']:10,.0f}  {fig['single_vs_naive']:5.1f}x")
-        print(f"  hetbatch, submit_many coalesced {fig['small_coalesced_jobs_s']:10,.0f}  {fig['coalesced_vs_naive']:5.1f}x"
-              f"  (avg batch {fig['small_avg_batch_rows']:.0f} rows)")
-        print(f"  4 producer processes, no packing {fig['many_producers_jobs_s']:9,.0f}  "
-              f"= {fig['many_producers_vs_noop']:.2f}x Celery no-op rate ({fig['celery_noop_tasks_s']:,.0f}/s)")
+        print(
+            f"  hetbatch, submit_many coalesced {fig['small_coalesced_jobs_s']:10,.0f}  {fig['coalesced_vs_naive']:5.1f}x"
+            f"  (avg batch {fig['small_avg_batch_rows']:.0f} rows)"
+        )
+        print(
+            f"  4 producer processes, no packing {fig['many_producers_jobs_s']:9,.0f}  "
+            f"= {fig['many_producers_vs_noop']:.2f}x Celery no-op rate ({fig['celery_noop_tasks_s']:,.0f}/s)"
+        )
         print(f"  model inside worker at formed batch: {fig['worker_model_efficiency']:.2f}x in-process")
         print(f"  latency, 1-row jobs at 100/s: p50 {fig['latency_p50_ms']:.1f} ms, p99 {fig['latency_p99_ms']:.1f} ms")
 

@@ -27,7 +27,9 @@ class BenchModel:
     input_name: str
 
 
-def start_process(argv: list[str], log: Path, env: Mapping[str, str], ready: bytes = b" ready.") -> subprocess.Popen[bytes]:
+def start_process(
+    argv: list[str], log: Path, env: Mapping[str, str], ready: bytes = b" ready."
+) -> subprocess.Popen[bytes]:
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), **env)
     proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
     deadline = time.monotonic() + 90
@@ -73,27 +75,41 @@ def build_models(root: Path, names: list[str]) -> dict[str, BenchModel]:
         forest = RandomForestClassifier(n_estimators=50, max_depth=10, random_state=0).fit(X.astype(np.float32), y)
         (root / "forest").mkdir(parents=True, exist_ok=True)
         sio.dump(forest, root / "forest" / "model.skops")
-        write_config(root / "forest", name="forest", framework="sklearn", artifact="model.skops",
-                     options={"dtype": "float32"})
-        out["forest"] = BenchModel("forest", root / "forest",
-                                   lambda a, m=forest: (m.predict(a["X"]), m.predict_proba(a["X"])), "X")
+        write_config(
+            root / "forest", name="forest", framework="sklearn", artifact="model.skops", options={"dtype": "float32"}
+        )
+        out["forest"] = BenchModel(
+            "forest", root / "forest", lambda a, m=forest: (m.predict(a["X"]), m.predict_proba(a["X"])), "X"
+        )
         onx = to_onnx(forest, X[:1].astype(np.float32), options={"zipmap": False}, target_opset=17)
         (root / "forest-onnx").mkdir(parents=True, exist_ok=True)
         (root / "forest-onnx" / "model.onnx").write_bytes(onx.SerializeToString())
         write_config(root / "forest-onnx", name="forest-onnx", framework="onnx", artifact="model.onnx")
         sess = ort.InferenceSession(str(root / "forest-onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
-        out["forest-onnx"] = BenchModel("forest-onnx", root / "forest-onnx", lambda a, s=sess: s.run(None, dict(a)), "X")
+        out["forest-onnx"] = BenchModel(
+            "forest-onnx", root / "forest-onnx", lambda a, s=sess: s.run(None, dict(a)), "X"
+        )
     if "torch-mlp" in names and _has_torch_adapter():
         import torch
 
         torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(FEATURES, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
-                                  torch.nn.ReLU(), torch.nn.Linear(256, 10)).eval()
+        net = torch.nn.Sequential(
+            torch.nn.Linear(FEATURES, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 10),
+        ).eval()
         scripted = torch.jit.script(net)
         (root / "torch-mlp").mkdir(parents=True, exist_ok=True)
         scripted.save(str(root / "torch-mlp" / "model.pt"))
-        write_config(root / "torch-mlp", name="torch-mlp", framework="torch", artifact="model.pt",
-                     inputs=[{"name": "x", "dtype": "float32", "shape": [FEATURES]}])
+        write_config(
+            root / "torch-mlp",
+            name="torch-mlp",
+            framework="torch",
+            artifact="model.pt",
+            inputs=[{"name": "x", "dtype": "float32", "shape": [FEATURES]}],
+        )
 
         def call(a: Mapping[str, np.ndarray], m: Any = scripted) -> Any:
             with torch.inference_mode():

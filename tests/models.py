@@ -22,7 +22,9 @@ class Built:
     y: np.ndarray | None = None
 
 
-def sklearn_model(directory: Path, name: str, dataset: str = "iris", kind: str = "forest", **config: Any) -> Built:
+def sklearn_model(
+    directory: Path, name: str, dataset: str = "iris", kind: str = "forest", trees: int = 25, **config: Any
+) -> Built:
     import skops.io as sio
     from sklearn import datasets
     from sklearn.ensemble import RandomForestClassifier
@@ -32,7 +34,7 @@ def sklearn_model(directory: Path, name: str, dataset: str = "iris", kind: str =
 
     X, y = getattr(datasets, f"load_{dataset}")(return_X_y=True)
     if kind == "forest":
-        model: Any = RandomForestClassifier(n_estimators=25, max_depth=8, random_state=0)
+        model: Any = RandomForestClassifier(n_estimators=trees, max_depth=8, random_state=0)
     else:
         model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     model.fit(X, y)

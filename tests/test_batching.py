@@ -110,3 +110,13 @@ def test_out_of_memory_halves_the_batch_and_succeeds() -> None:
     np.testing.assert_array_equal(out["y"][:, 0], np.arange(64.0) * 2)
     assert calls[:3] == [64, 32, 16] and sum(c for c in calls if c <= 16) == 64
     batcher.close()
+
+
+def test_a_lone_request_does_not_wait_when_nothing_else_is_coming() -> None:
+    import time
+
+    batcher, _ = _batcher(double, max_delay_ms=2000, incoming=lambda: 0)
+    started = time.monotonic()
+    batcher.submit({"x": np.ones((1, 1))}, 1).result(timeout=5)
+    assert time.monotonic() - started < 1.0
+    batcher.close()

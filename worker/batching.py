@@ -21,7 +21,7 @@ import numpy as np
 
 from adapters.base import PredictError
 
-__all__ = ["BatchStats", "Batcher", "Request", "is_oom", "merge", "split"]
+__all__ = ["Arrivals", "BatchStats", "Batcher", "Request", "is_oom", "merge", "split"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,29 @@ class BatchStats:
     requests: int
     queue_wait_s: float
     compute_s: float
+
+
+class Arrivals:
+    """Counts tasks per model that are decoding and will submit soon.
+
+    The batcher waits ``max_delay_ms`` for more rows only while some are on their way:
+    a lone request runs at once (low latency at low load), a burst still coalesces.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def enter(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def leave(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] -= 1
+
+    def count(self, key: str) -> int:
+        return self._counts.get(key, 0)
 
 
 def merge(requests: Sequence[Request]) -> tuple[Arrays, list[slice]]:
@@ -95,6 +118,7 @@ class Batcher:
         max_batch_rows: most rows per model call.
         max_delay_ms: longest wait for more requests after the first.
         on_batch: called after every model call with its stats.
+        incoming: how many requests are on their way (None: always wait max_delay_ms).
     """
 
     def __init__(
@@ -105,12 +129,14 @@ class Batcher:
         max_delay_ms: float,
         name: str = "model",
         on_batch: Callable[[BatchStats], None] | None = None,
+        incoming: Callable[[], int] | None = None,
     ) -> None:
         self._predict = predict
         self.max_batch_rows = max(1, max_batch_rows)
         self.max_delay_s = max(0.0, max_delay_ms) / 1000.0
         self.name = name
         self._on_batch = on_batch
+        self._incoming = incoming
         self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._held: Request | None = None
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
@@ -138,6 +164,8 @@ class Batcher:
         batch, rows = [first], first.rows
         deadline = time.monotonic() + self.max_delay_s
         while rows < self.max_batch_rows:
+            if self._incoming is not None and self._incoming() == 0 and self._queue.empty() and self._held is None:
+                break  # nothing else is on its way: waiting would only add latency
             try:
                 req = self._next(deadline - time.monotonic())
             except queue.Empty:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from adapters import Adapter, adapter_class
 from producers.registry import ModelSpec, Registry
-from worker.batching import Batcher, BatchStats
+from worker.batching import Arrivals, Batcher, BatchStats
 from worker.settings import WorkerSettings
 
 __all__ = ["LoadedModel", "ModelCache"]
@@ -35,10 +35,12 @@ class ModelCache:
         registry: Registry,
         settings: WorkerSettings,
         on_batch: Callable[[ModelSpec, BatchStats], None] | None = None,
+        arrivals: Arrivals | None = None,
     ) -> None:
         self._registry = registry
         self._settings = settings
         self._on_batch = on_batch
+        self._arrivals = arrivals
         self._specs: dict[str, ModelSpec] = {}
         self._models: dict[str, LoadedModel] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -85,13 +87,14 @@ class ModelCache:
         ).load()
         load_s = time.monotonic() - started
         log.info("loaded %s (%s on %s) in %.2f s", spec.ref, spec.framework, device, load_s)
-        on_batch = self._on_batch
+        on_batch, arrivals = self._on_batch, self._arrivals
         batcher = Batcher(
             adapter.predict,
             max_batch_rows=spec.max_batch_rows or self._settings.max_batch_rows,
             max_delay_ms=spec.max_delay_ms if spec.max_delay_ms is not None else self._settings.max_delay_ms,
             name=spec.ref,
             on_batch=(lambda stats: on_batch(spec, stats)) if on_batch else None,
+            incoming=(lambda: arrivals.count(spec.ref)) if arrivals is not None else None,
         )
         return LoadedModel(spec, adapter, batcher, load_s)
 

@@ -21,7 +21,7 @@ from producers.errors import HetbatchError, JobExpired, JobLost, PayloadError, R
 from producers.registry import ModelSpec, Registry
 from producers.schema import arrays_to_table, table_to_arrays
 from producers.wire import Item, Keys, TaskEnvelope, decode_table, encode_error, encode_result
-from worker.batching import BatchStats
+from worker.batching import Arrivals, BatchStats
 from worker.models import ModelCache
 from worker.results import Outcome, ResultWriter
 from worker.settings import WorkerSettings
@@ -54,7 +54,8 @@ class Runtime:
         self.keys = Keys(settings.prefix)
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.registry = Registry(self.redis, self.keys)
-        self.models = ModelCache(self.registry, settings, on_batch=self._record_batch)
+        self.arrivals = Arrivals()
+        self.models = ModelCache(self.registry, settings, on_batch=self._record_batch, arrivals=self.arrivals)
         self.writer = ResultWriter(
             self.redis, self.keys, ttl_s=settings.result_ttl_s, inline_bytes=settings.notice_inline_bytes
         )
@@ -94,25 +95,30 @@ class Runtime:
                 _error(i, JobExpired(i.job_id, f"deadline passed {late:.1f} s before it ran; the model was not called"))
                 for _, i in todo
             ]
+        ref = f"{env.model}@{env.version}"
+        self.arrivals.enter(ref)
         try:
-            spec = self.models.spec(f"{env.model}@{env.version}")
-            arrays = table_to_arrays(self._table(env), spec.inputs)
-            model = self.models.get(spec)
-        except Exception as exc:  # everything here is about the whole task's input
-            if not isinstance(exc, HetbatchError):
-                log.warning("task for %s failed before batching: %s", env.describe(), exc)
-            return [_error(i, exc) for _, i in todo]
-        futures: list[tuple[Item, Future[dict[str, np.ndarray]] | Outcome]] = []
-        for offset, item in todo:
             try:
-                if spec.nan == "reject":
-                    _check_finite(arrays, offset, item.rows)
-                if item.rows == 0:
-                    raise SchemaMismatch("the job has no rows; nothing to predict")
-                view = {n: a[offset : offset + item.rows] for n, a in arrays.items()}
-                futures.append((item, model.batcher.submit(view, item.rows)))
-            except HetbatchError as exc:
-                futures.append((item, _error(item, exc)))
+                spec = self.models.spec(ref)
+                arrays = table_to_arrays(self._table(env), spec.inputs)
+                model = self.models.get(spec)
+            except Exception as exc:  # everything here is about the whole task's input
+                if not isinstance(exc, HetbatchError):
+                    log.warning("task for %s failed before batching: %s", env.describe(), exc)
+                return [_error(i, exc) for _, i in todo]
+            views: list[tuple[Item, dict[str, np.ndarray] | Outcome]] = []
+            for offset, item in todo:
+                try:
+                    if spec.nan == "reject":
+                        _check_finite(arrays, offset, item.rows)
+                    if item.rows == 0:
+                        raise SchemaMismatch("the job has no rows; nothing to predict")
+                    views.append((item, {n: a[offset : offset + item.rows] for n, a in arrays.items()}))
+                except HetbatchError as exc:  # rejected before merging: the others go on
+                    views.append((item, _error(item, exc)))
+        finally:
+            self.arrivals.leave(ref)
+        futures = [(i, v if isinstance(v, Outcome) else model.batcher.submit(v, i.rows)) for i, v in views]
         return [self._outcome(item, f, spec) for item, f in futures]
 
     def _outcome(self, item: Item, pending: Future[dict[str, np.ndarray]] | Outcome, spec: ModelSpec) -> Outcome:

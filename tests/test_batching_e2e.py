@@ -1,0 +1,65 @@
+"""Dynamic batching through a real worker: batches fill, and one bad job fails alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from producers import Client, JobFailed
+from tests.helpers import WorkerProcess, column, register
+from tests.models import Built, sklearn_model
+
+
+@pytest.fixture(scope="module")
+def logreg(work_dir: Path, redis_url: str) -> Built:
+    built = sklearn_model(work_dir / "batch-logreg", "batch-logreg", "breast_cancer", kind="logreg")
+    with Client.from_url(redis_url) as c:
+        register(c, built.directory)
+    return built
+
+
+def _stats(client: Client, name: str) -> dict[str, float]:
+    raw = client.redis.hgetall(f"{client.keys.prefix}:stats:{client.spec(name).ref}")
+    return {k.decode(): float(v) for k, v in raw.items()}
+
+
+def test_a_backlog_of_single_jobs_fills_batches(work_dir: Path) -> None:
+    """While a slow model call runs, the tasks that arrive meanwhile share the next call:
+    prefetch and thread concurrency keep enough tasks in flight for that."""
+    from worker.redis_server import RedisServer
+
+    slow = sklearn_model(work_dir / "slow-forest", "slow-forest", "iris", trees=300)
+    with RedisServer() as server, Client.from_url(server.url) as client:
+        register(client, slow.directory)
+        pieces = [slow.X[i % 140 : i % 140 + 1 + i % 3] for i in range(300)]
+        jobs = [client.submit("slow-forest", p) for p in pieces]  # one task each: no client-side packing
+        worker = WorkerProcess(server.url, work_dir)  # starts with the backlog waiting
+        try:
+            for job, piece in zip(jobs, pieces):
+                np.testing.assert_allclose(
+                    column(job.result(timeout_s=120), "probabilities"), slow.model.predict_proba(piece), atol=1e-6
+                )
+            stats = _stats(client, "slow-forest")
+        finally:
+            worker.stop()
+    assert stats["requests"] == len(pieces)
+    assert stats["requests"] / stats["batches"] >= 4, stats
+
+
+def test_a_poisoned_job_fails_alone_and_the_other_63_succeed(
+    client: Client, cpu_worker: WorkerProcess, logreg: Built
+) -> None:
+    pieces = [logreg.X[i : i + 2].copy() for i in range(64)]
+    pieces[17][1, 3] = np.nan  # logistic regression raises on NaN: the merged call fails
+    jobs = client.submit_many("batch-logreg", pieces)
+    for i, (job, piece) in enumerate(zip(jobs, pieces)):
+        if i == 17:
+            with pytest.raises(JobFailed, match="NaN") as info:
+                job.result(timeout_s=60)
+            assert info.value.remote_type == "ValueError"
+        else:
+            np.testing.assert_allclose(
+                column(job.result(timeout_s=60), "probabilities"), logreg.model.predict_proba(piece), atol=1e-6
+            )
