@@ -218,7 +218,7 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"{name:14} {best:18,.0f} {fig['e2e_large_rows_s']:16,.0f} {fig['large_ratio']:6.2f}")
     fig = results["models"].get("onnx-mlp", {})
     if "small_coalesced_jobs_s" in fig:
-        print(f"\nsmall jobs (1-16 rows, onnx-mlp), jobs/s:")
+        print("\nsmall jobs (1-16 rows, onnx-mlp), jobs/s:")
         print(f"  naive one Celery task per row   {fig['naive_jobs_s']:10,.0f}   1.0x")
         print(f"  hetbatch, one submit per job    {fig['small_single_jobs_s']:10,.0f}  {fig['single_vs_naive']:5.1f}x")
         print(

@@ -67,9 +67,9 @@ def build_models(root: Path, names: list[str]) -> dict[str, BenchModel]:
     if {"forest", "forest-onnx"} & set(names):
         import onnxruntime as ort
         import skops.io as sio
+        from skl2onnx import to_onnx
         from sklearn.datasets import make_classification
         from sklearn.ensemble import RandomForestClassifier
-        from skl2onnx import to_onnx
 
         X, y = make_classification(n_samples=4000, n_features=FEATURES, n_informative=12, n_classes=4, random_state=0)
         forest = RandomForestClassifier(n_estimators=50, max_depth=10, random_state=0).fit(X.astype(np.float32), y)

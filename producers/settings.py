@@ -39,8 +39,9 @@ class ClientSettings:
     """Prefix of every hetbatch key in Redis."""
     chunk_rows: int = 65_536
     """Rows per task for large jobs: big enough to amortize the ~1 ms task cost."""
-    inline_max_bytes: int = 16_384
-    """Payloads up to this size ride inside the task message; larger ones by reference."""
+    inline_max_bytes: int = 8_192
+    """Payloads up to this size ride inside the task message; larger ones by reference
+    (``python -m bench.threshold``: inline wins below ~4 KiB, by reference from ~16 KiB)."""
     max_payload_bytes: int = 256 * 1024 * 1024
     """Largest encoded chunk the client sends (the worker checks again)."""
     input_ttl_s: int = 86_400
