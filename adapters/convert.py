@@ -1,0 +1,353 @@
+"""Conversion of scikit-learn, PyTorch and TensorFlow/Keras models to ONNX, with parity.
+
+``to_onnx`` loads the source artifact, exports it with the framework's converter
+(skl2onnx, ``torch.onnx.export``, tf2onnx) keeping the source's input names, dtypes and
+per-row shapes and its output names, with a dynamic batch axis; then it runs both in
+process on a sample and refuses the result (deleting the file) when the parity report
+fails, unless forced. Registration is the worker's job (``worker.adapt``): this module
+imports no registry.
+
+Source conventions (the same as the framework adapters): scikit-learn ``.skops`` (or a
+pinned ``.joblib``); torch TorchScript ``.pt``/``.ts`` (``torch.jit.load``), ``.pt2``
+(``torch.export.load``), or a state dict with ``options.module = "pkg.mod:Class"``
+(and ``options.module_kwargs``), which imports code and so needs a pinned sha256;
+Keras ``.keras`` (``safe_mode=True``) or a SavedModel directory (``options.signature``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapters.base import AdapterError, ModelLoadError, TensorInfo, UnsafeArtifact, sha256_of
+from adapters.parity import ParityError, ParityReport, Predictor, Tolerance, parity, sample_inputs
+
+__all__ = ["ConversionResult", "ParityError", "load_predictor", "onnx_predictor", "to_onnx"]
+
+OPSET = 17
+_SKL_OUTPUTS = {"predict": "label", "predict_proba": "probabilities", "transform": "features"}
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """A converted model file and the parity report that admitted it.
+
+    Attributes:
+        path: the ``.onnx`` file written.
+        parity: source versus converted on the sample.
+        size_bytes: size of the written file.
+    """
+
+    path: Path
+    parity: ParityReport
+    size_bytes: int
+
+
+def _split_target(target: str) -> tuple[str, str]:
+    module, _, name = target.partition(":")
+    if not module or not name:
+        raise ModelLoadError(f"options.module must be 'package.module:Class', not {target!r}")
+    return module, name
+
+
+def _load_torch(artifact: Path, options: Mapping[str, Any], trusted: bool) -> Any:
+    import torch
+
+    if options.get("module"):
+        if not trusted:
+            raise UnsafeArtifact(
+                f"{artifact.name} is a state dict for {options['module']}, which imports code: pin its sha256"
+            )
+        module_name, class_name = _split_target(str(options["module"]))
+        cls = getattr(importlib.import_module(module_name), class_name)
+        net = cls(**dict(options.get("module_kwargs", {})))
+        net.load_state_dict(torch.load(artifact, map_location="cpu", weights_only=True))
+        return net.eval()
+    if artifact.suffix == ".pt2":
+        return torch.export.load(str(artifact))
+    if artifact.suffix in (".pt", ".ts", ".torchscript"):
+        return torch.jit.load(str(artifact), map_location="cpu").eval()
+    raise ModelLoadError(f"unknown torch artifact {artifact.name}: use TorchScript .pt, .pt2 or options.module")
+
+
+class _Signature:
+    """A SavedModel signature that keeps its SavedModel (and so its variables) alive."""
+
+    def __init__(self, saved_model: Any, name: str) -> None:
+        self.saved_model = saved_model
+        self.function = saved_model.signatures[name]
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self.function(**kwargs)
+
+
+def _load_tensorflow(artifact: Path, options: Mapping[str, Any]) -> Any:
+    if artifact.is_dir():
+        import tensorflow as tf
+
+        return _Signature(tf.saved_model.load(str(artifact)), str(options.get("signature", "serving_default")))
+    if artifact.suffix != ".keras":
+        raise ModelLoadError(f"unknown TensorFlow artifact {artifact.name}: use .keras or a SavedModel directory")
+    import keras
+
+    return keras.saving.load_model(str(artifact), safe_mode=True, compile=False)
+
+
+def _named(result: Any, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    """A model's raw result (tensor, tuple, list or dict) -> the named numpy outputs."""
+    if isinstance(result, Mapping):
+        values = dict(result)
+        if not all(n in values for n in outputs) and len(values) == len(outputs):
+            values = dict(zip(outputs, values.values()))
+    elif isinstance(result, (tuple, list)):
+        values = dict(zip(outputs, result))
+    else:
+        values = {outputs[0]: result}
+    return {k: np.asarray(v.detach().numpy() if hasattr(v, "detach") else v) for k, v in values.items()}
+
+
+def _torch_predictor(model: Any, inputs: Sequence[TensorInfo], outputs: Sequence[str]) -> Predictor:
+    import torch
+
+    call = model.module() if hasattr(model, "graph_signature") else model
+
+    def predict(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            return _named(call(*(torch.from_numpy(np.ascontiguousarray(arrays[i.name])) for i in inputs)), outputs)
+
+    return predict
+
+
+def _tf_predictor(model: Any, inputs: Sequence[TensorInfo], outputs: Sequence[str]) -> Predictor:
+    def predict(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not hasattr(model, "layers"):  # a SavedModel signature: keyword arguments only
+            return _named(model(**{i.name: arrays[i.name] for i in inputs}), outputs)
+        args = arrays[inputs[0].name] if len(inputs) == 1 else {i.name: arrays[i.name] for i in inputs}
+        return _named(model(args, training=False), outputs)
+
+    return predict
+
+
+def onnx_predictor(path: str | os.PathLike[str], threads: int = 0) -> Predictor:
+    """An in-process ONNX Runtime session on the CPU, as a predictor."""
+    from adapters.onnx import OnnxAdapter
+
+    adapter = OnnxAdapter(path, options={"threads": threads}).load()
+    return adapter.predict
+
+
+def load_predictor(
+    framework: str,
+    artifact: str | os.PathLike[str],
+    inputs: Sequence[TensorInfo],
+    outputs: Sequence[str],
+    *,
+    options: Mapping[str, Any] | None = None,
+    sha256: str | None = None,
+    pinned: bool = False,
+) -> tuple[Any, Predictor]:
+    """Load a source model; returns (the framework's model object, a predictor).
+
+    Raises:
+        ModelLoadError: missing artifact, hash mismatch or a failed load.
+        UnsafeArtifact: pickle-based or code-importing artifact without a pinned hash.
+    """
+    from adapters import adapter_class
+
+    path, options = Path(artifact), dict(options or {})
+    if not path.exists():
+        raise ModelLoadError(f"artifact {path} does not exist")
+    if sha256 is not None and sha256_of(path) != sha256:
+        raise ModelLoadError(f"artifact {path} changed since it was registered (sha256 differs)")
+    if framework in ("sklearn", "onnx"):
+        adapter = adapter_class(framework)(path, options=options, sha256=sha256, pinned=pinned).load()
+        return getattr(adapter, "model", getattr(adapter, "session", None)), adapter.predict
+    try:
+        if framework == "torch":
+            model = _load_torch(path, options, trusted=pinned and sha256 is not None)
+            return model, _torch_predictor(model, inputs, outputs)
+        if framework == "tensorflow":
+            model = _load_tensorflow(path, options)
+            return model, _tf_predictor(model, inputs, outputs)
+    except AdapterError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"{framework} could not load {path}: {exc}") from exc
+    raise AdapterError(f"no converter for framework {framework!r}")
+
+
+def _skl_onnx(model: Any, inputs: Sequence[TensorInfo], outputs: Sequence[str]) -> Any:
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType, Int64TensorType
+
+    types = {"float64": DoubleTensorType, "float32": FloatTensorType, "int64": Int64TensorType}
+    info = inputs[0]
+    if len(inputs) != 1 or info.dtype not in types:
+        raise AdapterError(f"scikit-learn models convert with one float32/float64/int64 input, not {inputs}")
+    unsupported = [o for o in outputs if o not in _SKL_OUTPUTS.values()]
+    if unsupported:
+        raise AdapterError(f"outputs {unsupported} cannot be converted; use methods predict/predict_proba/transform")
+    options = {id(model): {"zipmap": False}} if hasattr(model, "classes_") else None
+    try:
+        onx = convert_sklearn(
+            model,
+            initial_types=[(info.name, types[info.dtype]([None, *info.shape]))],
+            options=options,
+            target_opset={"": OPSET, "ai.onnx.ml": 3},
+        )
+    except Exception as exc:
+        raise AdapterError(f"skl2onnx cannot convert {type(model).__name__}: {exc}") from exc
+    produced = [o.name for o in onx.graph.output]
+    # skl2onnx names a regressor's or transformer's single output "variable".
+    default = "features" if "features" in outputs else "label"
+    rename = {p: (p if p in ("label", "probabilities") else default) for p in produced}
+    return _rename_outputs(onx, rename, outputs)
+
+
+def _rename_outputs(model: Any, rename: Mapping[str, str], keep: Sequence[str]) -> Any:
+    """Rename graph outputs through Identity nodes and drop the ones not kept."""
+    from onnx import helper
+
+    graph = model.graph
+    kept = []
+    for out in list(graph.output):
+        new = rename.get(out.name, out.name)
+        if new not in keep:
+            continue
+        if new != out.name:
+            graph.node.append(helper.make_node("Identity", [out.name], [new], name=f"rename_{new}"))
+            out.name = new
+        kept.append(out)
+    missing = [k for k in keep if k not in [o.name for o in kept]]
+    if missing:
+        raise AdapterError(f"the converted model has no output {missing}")
+    del graph.output[:]
+    graph.output.extend(sorted(kept, key=lambda o: list(keep).index(o.name)))
+    return model
+
+
+def _torch_onnx(model: Any, inputs: Sequence[TensorInfo], outputs: Sequence[str], example: Any) -> Any:
+    import onnx
+    import torch
+
+    args = tuple(torch.from_numpy(np.ascontiguousarray(example[i.name][:2])) for i in inputs)
+    names = [i.name for i in inputs]
+    buffer = io.BytesIO()
+    if isinstance(model, torch.jit.ScriptModule):
+        # torch.export cannot trace TorchScript: the TorchScript exporter is the only route.
+        axes = {n: {0: "batch"} for n in [*names, *outputs]}
+        torch.onnx.export(
+            model, args, buffer, input_names=names, output_names=list(outputs), dynamic_axes=axes,
+            opset_version=OPSET, dynamo=False,
+        )  # fmt: skip
+        return _check_batch_axis(onnx.load_from_string(buffer.getvalue()))
+    module = model.module() if hasattr(model, "graph_signature") else model
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings():
+        # An ExportedProgram's module reports training mode, but its graph is already fixed.
+        warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+        program = torch.onnx.export(
+            module, args, input_names=names, output_names=list(outputs), opset_version=18,
+            dynamic_shapes=tuple({0: batch} for _ in names), dynamo=True, verbose=False,
+        )  # fmt: skip
+    return _check_batch_axis(program.model_proto)
+
+
+def _check_batch_axis(model: Any) -> Any:
+    """Refuse an export whose inputs kept the example's batch size."""
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            raise AdapterError(f"the export fixed the batch axis of input {value.name!r} at {dims[0].dim_value}")
+    return model
+
+
+def _tf_onnx(model: Any, inputs: Sequence[TensorInfo], outputs: Sequence[str]) -> Any:
+    import tensorflow as tf
+    import tf2onnx
+
+    specs = [tf.TensorSpec((None, *i.shape), tf.as_dtype(i.dtype), name=i.name) for i in inputs]
+    names = [i.name for i in inputs]
+
+    @tf.function(input_signature=specs)  # type: ignore[untyped-decorator]
+    def serve(*args: Any) -> dict[str, Any]:
+        # Returning a dict names the ONNX outputs after the source's outputs.
+        if not hasattr(model, "layers"):
+            result = model(**dict(zip(names, args)))
+        else:
+            result = model(args[0] if len(args) == 1 else dict(zip(names, args)), training=False)
+        if isinstance(result, Mapping):
+            values = list(result.values()) if not all(o in result for o in outputs) else [result[o] for o in outputs]
+        else:
+            values = list(result) if isinstance(result, (list, tuple)) else [result]
+        return dict(zip(outputs, values))
+
+    onx, _ = tf2onnx.convert.from_function(serve, input_signature=specs, opset=OPSET)
+    return onx
+
+
+def to_onnx(
+    framework: str,
+    artifact: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    inputs: Sequence[TensorInfo],
+    outputs: Sequence[str],
+    *,
+    options: Mapping[str, Any] | None = None,
+    sha256: str | None = None,
+    pinned: bool = False,
+    sample: Mapping[str, np.ndarray] | None = None,
+    rtol: Tolerance = "auto",
+    force: bool = False,
+    source_name: str = "source",
+) -> ConversionResult:
+    """Convert a model to ONNX at ``output`` and check it against the source.
+
+    Args:
+        framework: ``sklearn``, ``torch`` or ``tensorflow``.
+        inputs: the source's inputs (names, dtypes, per-row shapes), kept as they are.
+        outputs: the source's output names, kept as they are.
+        sample: input arrays for the parity check; generated from ``inputs`` if None.
+        rtol: relative tolerance per float output ("auto": 1e-4 for float32).
+        force: keep the converted model even when parity fails.
+
+    Raises:
+        ParityError: the converted model differs beyond tolerance (nothing is kept).
+        AdapterError: the converter does not support the model.
+        ModelLoadError, UnsafeArtifact: the source cannot be loaded.
+    """
+    model, source = load_predictor(
+        framework, artifact, inputs, outputs, options=options, sha256=sha256, pinned=pinned
+    )
+    sample = dict(sample) if sample is not None else sample_inputs(inputs)
+    if framework == "sklearn":
+        onx = _skl_onnx(model, inputs, outputs)
+    elif framework == "torch":
+        onx = _torch_onnx(model, inputs, outputs, sample)
+    elif framework == "tensorflow":
+        onx = _tf_onnx(model, inputs, outputs)
+    else:
+        raise AdapterError(f"cannot convert {framework!r} models to ONNX; supported: sklearn, torch, tensorflow")
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(onx.SerializeToString())
+    try:
+        report = parity(
+            source, onnx_predictor(path), sample, outputs,
+            source_name=f"{source_name} ({framework})", candidate_name=f"{path.name} (onnx)", rtol=rtol,
+        )  # fmt: skip
+    except Exception:
+        path.unlink(missing_ok=True)
+        raise
+    if not report.ok and not force:
+        path.unlink(missing_ok=True)
+        raise ParityError(f"{source_name}: the ONNX conversion does not reproduce the source; not kept", report)
+    return ConversionResult(path, report, path.stat().st_size)
