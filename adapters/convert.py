@@ -74,7 +74,7 @@ def _load_torch(artifact: Path, options: Mapping[str, Any], trusted: bool) -> An
     if artifact.suffix == ".pt2":
         return torch.export.load(str(artifact))
     if artifact.suffix in (".pt", ".ts", ".torchscript"):
-        return torch.jit.load(str(artifact), map_location="cpu").eval()
+        return torch.jit.load(str(artifact), map_location="cpu").eval()  # type: ignore[no-untyped-call]
     raise ModelLoadError(f"unknown torch artifact {artifact.name}: use TorchScript .pt, .pt2 or options.module")
 
 
@@ -106,9 +106,9 @@ def _named(result: Any, outputs: Sequence[str]) -> dict[str, np.ndarray]:
     if isinstance(result, Mapping):
         values = dict(result)
         if not all(n in values for n in outputs) and len(values) == len(outputs):
-            values = dict(zip(outputs, values.values()))
+            values = dict(zip(outputs, values.values(), strict=True))
     elif isinstance(result, (tuple, list)):
-        values = dict(zip(outputs, result))
+        values = dict(zip(outputs, result, strict=False))
     else:
         values = {outputs[0]: result}
     return {k: np.asarray(v.detach().numpy() if hasattr(v, "detach") else v) for k, v in values.items()}
@@ -240,13 +240,13 @@ def _torch_onnx(model: Any, inputs: Sequence[TensorInfo], outputs: Sequence[str]
 
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[i.name][:2])) for i in inputs)
     names = [i.name for i in inputs]
-    buffer = io.BytesIO()
     if isinstance(model, torch.jit.ScriptModule):
         # torch.export cannot trace TorchScript: the TorchScript exporter is the only route.
         axes = {n: {0: "batch"} for n in [*names, *outputs]}
+        buffer = io.BytesIO()
         torch.onnx.export(
-            model, args, buffer, input_names=names, output_names=list(outputs), dynamic_axes=axes,
-            opset_version=OPSET, dynamo=False,
+            model, args, buffer,  # type: ignore[arg-type]  # a file object is documented and works
+            input_names=names, output_names=list(outputs), dynamic_axes=axes, opset_version=OPSET, dynamo=False,
         )  # fmt: skip
         return _check_batch_axis(onnx.load_from_string(buffer.getvalue()))
     module = model.module() if hasattr(model, "graph_signature") else model
@@ -258,6 +258,8 @@ def _torch_onnx(model: Any, inputs: Sequence[TensorInfo], outputs: Sequence[str]
             module, args, input_names=names, output_names=list(outputs), opset_version=18,
             dynamic_shapes=tuple({0: batch} for _ in names), dynamo=True, verbose=False,
         )  # fmt: skip
+    if program is None:
+        raise AdapterError("torch.onnx.export returned no program")
     return _check_batch_axis(program.model_proto)
 
 
@@ -281,14 +283,14 @@ def _tf_onnx(model: Any, inputs: Sequence[TensorInfo], outputs: Sequence[str]) -
     def serve(*args: Any) -> dict[str, Any]:
         # Returning a dict names the ONNX outputs after the source's outputs.
         if not hasattr(model, "layers"):
-            result = model(**dict(zip(names, args)))
+            result = model(**dict(zip(names, args, strict=True)))
         else:
-            result = model(args[0] if len(args) == 1 else dict(zip(names, args)), training=False)
+            result = model(args[0] if len(args) == 1 else dict(zip(names, args, strict=True)), training=False)
         if isinstance(result, Mapping):
             values = list(result.values()) if not all(o in result for o in outputs) else [result[o] for o in outputs]
         else:
             values = list(result) if isinstance(result, (list, tuple)) else [result]
-        return dict(zip(outputs, values))
+        return dict(zip(outputs, values, strict=False))
 
     onx, _ = tf2onnx.convert.from_function(serve, input_signature=specs, opset=OPSET)
     return onx
@@ -324,9 +326,7 @@ def to_onnx(
         AdapterError: the converter does not support the model.
         ModelLoadError, UnsafeArtifact: the source cannot be loaded.
     """
-    model, source = load_predictor(
-        framework, artifact, inputs, outputs, options=options, sha256=sha256, pinned=pinned
-    )
+    model, source = load_predictor(framework, artifact, inputs, outputs, options=options, sha256=sha256, pinned=pinned)
     sample = dict(sample) if sample is not None else sample_inputs(inputs)
     if framework == "sklearn":
         onx = _skl_onnx(model, inputs, outputs)

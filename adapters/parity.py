@@ -182,12 +182,12 @@ def compare(
     if np.isnan(diff).any():
         max_abs = max_rel = np.inf
     a_s, a_c = _argmax(s), _argmax(c)
-    agreement = float(np.mean(a_s == a_c)) if a_s is not None and a_c is not None and len(s) else None
-    tol = _default_rtol(source, candidate) if rtol == "auto" else rtol
-    ok = tol is None or max_rel <= tol
-    if gate_argmax and agreement is not None:
-        ok = ok and agreement >= min_agreement
-    return OutputParity(name, max_abs, max_rel, tol, agreement, gate_argmax, ok)
+    top_agreement = float(np.mean(a_s == a_c)) if a_s is not None and a_c is not None and len(s) else None
+    limit: float | None = _default_rtol(source, candidate) if rtol == "auto" else rtol
+    ok = limit is None or max_rel <= limit
+    if gate_argmax and top_agreement is not None:
+        ok = ok and top_agreement >= min_agreement
+    return OutputParity(name, max_abs, max_rel, limit, top_agreement, gate_argmax, ok)
 
 
 def _predicted(outputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
@@ -236,16 +236,12 @@ def parity(
             if name not in found:
                 raise AdapterError(f"{label} has no output {name!r}; it gives {sorted(found)}")
         results.append(
-            compare(
-                name, expected[name], got[name], rtol=rtol, min_agreement=min_agreement, gate_argmax=rtol is None
-            )
+            compare(name, expected[name], got[name], rtol=rtol, min_agreement=min_agreement, gate_argmax=rtol is None)
         )
     accuracy = None
     if labels is not None:
         accuracy = (_accuracy(expected, labels, classes), _accuracy(got, labels, classes))
-    return ParityReport(
-        source_name, candidate_name, rows, tuple(results), min_agreement, accuracy, max_accuracy_drop
-    )
+    return ParityReport(source_name, candidate_name, rows, tuple(results), min_agreement, accuracy, max_accuracy_drop)
 
 
 def _accuracy(outputs: Mapping[str, np.ndarray], labels: np.ndarray, classes: Sequence[object] | None) -> float:
