@@ -9,8 +9,8 @@ imports no registry.
 
 Source conventions (the same as the framework adapters): scikit-learn ``.skops`` (or a
 pinned ``.joblib``); torch TorchScript ``.pt``/``.ts`` (``torch.jit.load``), ``.pt2``
-(``torch.export.load``), or a state dict with ``options.module = "pkg.mod:Class"``
-(and ``options.module_kwargs``), which imports code and so needs a pinned sha256;
+(``torch.export.load``), or a state dict with ``options.module = "pkg.mod:Class"`` (a
+class or factory, called with ``options.module_kwargs``), which imports code and so needs a pinned sha256;
 Keras ``.keras`` (``safe_mode=True``) or a SavedModel directory (``options.signature``).
 """
 
@@ -196,20 +196,47 @@ def _skl_onnx(model: Any, inputs: Sequence[TensorInfo], outputs: Sequence[str]) 
     if unsupported:
         raise AdapterError(f"outputs {unsupported} cannot be converted; use methods predict/predict_proba/transform")
     options = {id(model): {"zipmap": False}} if hasattr(model, "classes_") else None
+    # Tree models compare float32(X) with their thresholds in scikit-learn; a float64
+    # graph would flip splits near a threshold, so they get float32 after a Cast.
+    dtype = "float32" if info.dtype == "float64" and _has_trees(model) else info.dtype
     try:
         onx = convert_sklearn(
             model,
-            initial_types=[(info.name, types[info.dtype]([None, *info.shape]))],
+            initial_types=[(info.name, types[dtype]([None, *info.shape]))],
             options=options,
             target_opset={"": OPSET, "ai.onnx.ml": 3},
         )
     except Exception as exc:
-        raise AdapterError(f"skl2onnx cannot convert {type(model).__name__}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AdapterError(
+            f"skl2onnx cannot convert {type(model).__name__} ({first}); keep serving it with the sklearn adapter"
+        ) from exc
     produced = [o.name for o in onx.graph.output]
     # skl2onnx names a regressor's or transformer's single output "variable".
     default = "features" if "features" in outputs else "label"
     rename = {p: (p if p in ("label", "probabilities") else default) for p in produced}
+    if dtype != info.dtype:
+        _cast_input(onx, info.name)
     return _rename_outputs(onx, rename, outputs)
+
+
+def _has_trees(model: Any) -> bool:
+    if hasattr(model, "steps"):
+        return any(_has_trees(step) for _, step in model.steps)
+    return any(hasattr(model, a) for a in ("tree_", "estimators_", "_predictors"))
+
+
+def _cast_input(model: Any, name: str) -> None:
+    """Make float input ``name`` float64 at the graph's edge, cast to float32 inside."""
+    from onnx import TensorProto, helper
+
+    inner = f"{name}_float32"
+    for node in model.graph.node:
+        node.input[:] = [inner if i == name else i for i in node.input]
+    model.graph.node.insert(0, helper.make_node("Cast", [name], [inner], to=TensorProto.FLOAT, name="cast_input"))
+    for value in model.graph.input:
+        if value.name == name:
+            value.type.tensor_type.elem_type = TensorProto.DOUBLE
 
 
 def _rename_outputs(model: Any, rename: Mapping[str, str], keep: Sequence[str]) -> Any:
