@@ -9,9 +9,11 @@ arg-max) agreement and, given a labelled sample, on the accuracy it loses.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -248,7 +250,8 @@ def quantize(
         if mode == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(source, path, weight_type=QuantType.QInt8)
+            with _quiet_root_logger():
+                quantize_dynamic(source, path, weight_type=QuantType.QInt8)
         elif mode == "fp16":
             _fp16(source, path)
             if device != "gpu":
@@ -260,10 +263,24 @@ def quantize(
     except Exception as exc:
         path.unlink(missing_ok=True)
         raise AdapterError(f"{mode} quantization of {source} failed: {exc}") from exc
+    if path.stat().st_size >= source.stat().st_size:
+        note = f"{mode} changed no weights (no float32 MatMul/Gemm/Conv initializers?): the model did not shrink"
     before, after = _device_predictor(source, device, threads), _device_predictor(path, device, threads)
     args = dict(source_name=source_name, rtol=None, min_agreement=min_agreement, labels=labels,
                 max_accuracy_drop=max_accuracy_drop, classes=classes)  # fmt: skip
     return _finish(mode, source, path, before, after, sample, outputs, batch_sizes, force, args, note)
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ONNX Runtime's quantizer logs advice and whole tensor protos on the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _device_predictor(path: Path, device: str, threads: int) -> Predictor:
