@@ -21,8 +21,8 @@ from typing import Any, Literal
 import numpy as np
 
 from adapters.base import AdapterError, MissingFramework
-from adapters.convert import onnx_predictor
 from adapters.parity import ParityError, ParityReport, Predictor, Tolerance, parity
+from adapters.sources import onnx_predictor
 
 __all__ = ["BATCH_SIZES", "CompressionReport", "Throughput", "optimize", "profile", "quantize"]
 
