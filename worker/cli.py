@@ -10,6 +10,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from worker.adapt import add_parser as add_adapt_parsers
+
 __all__ = ["main"]
 
 
@@ -195,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build example models, start a worker, score a Parquet file")
     p.add_argument("--rows", type=int, default=200_000)
     p.set_defaults(func=cmd_demo)
+    add_adapt_parsers(sub)
     for subparser in sub.choices.values():
         # Accept the option after the subcommand too, without overriding it with None.
         subparser.add_argument("--redis-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
