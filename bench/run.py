@@ -221,10 +221,9 @@ def print_table(results: dict[str, Any]) -> None:
         print("\nsmall jobs (1-16 rows, onnx-mlp), jobs/s:")
         print(f"  naive one Celery task per row   {fig['naive_jobs_s']:10,.0f}   1.0x")
         print(f"  hetbatch, one submit per job    {fig['small_single_jobs_s']:10,.0f}  {fig['single_vs_naive']:5.1f}x")
-        print(
-            f"  hetbatch, submit_many coalesced {fig['small_coalesced_jobs_s']:10,.0f}  {fig['coalesced_vs_naive']:5.1f}x"
-            f"  (avg batch {fig['small_avg_batch_rows']:.0f} rows)"
-        )
+        coalesced, ratio = fig["small_coalesced_jobs_s"], fig["coalesced_vs_naive"]
+        print(f"  hetbatch, submit_many coalesced {coalesced:10,.0f}  {ratio:5.1f}x")
+        print(f"    (formed batches average {fig['small_avg_batch_rows']:.0f} rows)")
         print(
             f"  4 producer processes, no packing {fig['many_producers_jobs_s']:9,.0f}  "
             f"= {fig['many_producers_vs_noop']:.2f}x Celery no-op rate ({fig['celery_noop_tasks_s']:,.0f}/s)"
