@@ -5,7 +5,7 @@ Example::
 
     kind = "ensemble"
     name = "iris-vote"
-    strategy = "vote"            # mean | weighted_mean | vote | stack | chain | select
+    strategy = "vote"            # mean (default) | weighted_mean | vote | stack | chain | select
     min_members = 2              # quorum (mean, weighted_mean, vote); default: all
     include_members = false      # add each member's raw outputs to the result
     [params]
@@ -256,7 +256,7 @@ def ensemble_from_config(config: Mapping[str, Any], registry: Registry) -> Ensem
         ConfigError: unknown strategy or member, weights that do not match the members,
             incompatible inputs or output shapes, a cycle or fork in a chain, a bad rule.
     """
-    name, strategy = str(config.get("name", "")), str(config.get("strategy", ""))
+    name, strategy = str(config.get("name", "")), str(config.get("strategy", "mean"))
     if not name or strategy not in STRATEGIES:
         raise ConfigError(f"ensemble {name!r}: needs a name and a strategy, one of {STRATEGIES}")
     raw = list(config.get("members") or [])
