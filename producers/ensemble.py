@@ -226,8 +226,10 @@ class Continuation:
 
     @classmethod
     def from_dict(cls, data: Any) -> Continuation:
-        """Raises:
-        PayloadError: not a valid continuation.
+        """Parse a continuation (an envelope's ``then`` or a fusion task's body).
+
+        Raises:
+            PayloadError: not a valid continuation.
         """
         try:
             cont = cls(
