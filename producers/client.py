@@ -16,6 +16,7 @@ import pyarrow as pa
 import redis
 from celery import Celery
 
+from producers.ensemble import EnsembleSpec, plan_stage
 from producers.errors import (
     BrokerError,
     JobExpired,
@@ -215,6 +216,8 @@ class Client:
         """
         spec = self.spec(model)
         level = _priority(priority)
+        if isinstance(spec, EnsembleSpec):
+            return self._submit_ensemble(spec, data, chunk_rows, cast, level, deadline_s)
         table = self._prepare(spec, data, cast)
         step = chunk_rows or self.settings.chunk_rows
         starts = range(0, table.num_rows, step)
@@ -262,6 +265,9 @@ class Client:
         """
         spec = self.spec(model)
         level = _priority(priority)
+        if isinstance(spec, EnsembleSpec):
+            # Each ensemble job fans out to its members already; packing would gain nothing.
+            return [self.submit(model, d, cast=cast, priority=priority, deadline_s=deadline_s) for d in datas]
         limit = pack_rows or spec.max_batch_rows or 4096
         deadline = time.time() + deadline_s if deadline_s is not None else None
         jobs: list[Job] = []
@@ -375,6 +381,56 @@ class Client:
             return TaskEnvelope(payload_b64=base64.b64encode(blob).decode(), **common)
         pipe.set(key, blob, ex=self.settings.input_ttl_s)
         return TaskEnvelope(payload_key=key, **common)
+
+    def _submit_ensemble(
+        self,
+        spec: EnsembleSpec,
+        data: Any,
+        chunk_rows: int | None,
+        cast: CastRule,
+        level: int,
+        deadline_s: float | None,
+    ) -> Job:
+        """Store each chunk's input once and publish its first stage's member tasks to
+        the members' own queues; the workers fuse and write the result under this job's
+        id (producers/ensemble.py).
+
+        Raises:
+            SchemaMismatch, PayloadTooLarge, BrokerError.
+        """
+        table = self._prepare(spec, data, cast)
+        step = chunk_rows or self.settings.chunk_rows
+        starts = range(0, table.num_rows, step)
+        job = self._track(uuid.uuid4().hex, spec.ref, len(starts), table.num_rows)
+        deadline = time.time() + deadline_s if deadline_s is not None else None
+        pipe = self.redis.pipeline(transaction=False)
+        self._record_job(pipe, job)
+        try:
+            for chunk, start in enumerate(starts):
+                plan = plan_stage(
+                    spec,
+                    job_id=job.id,
+                    chunk=chunk,
+                    stage=0,
+                    table=table.slice(start, step),
+                    models=self.spec,
+                    keys=self.keys,
+                    reply_to=self._reply_key,
+                    deadline=deadline,
+                    priority=level,
+                )
+                for key, blob in plan.blobs.items():
+                    if len(blob) > self.settings.max_payload_bytes:
+                        raise PayloadTooLarge(len(blob), self.settings.max_payload_bytes)
+                    pipe.set(key, blob, ex=self.settings.input_ttl_s)
+                for queue, env in plan.tasks:
+                    message = celery_message(TASK_NAME, [env.to_dict()], queue, level, env.describe())
+                    pipe.lpush(priority_list(queue, level), message)
+                self._execute(pipe)  # per chunk: workers start on early chunks of a big job
+        except Exception:
+            self._untrack(job.id)
+            raise
+        return job
 
     def _record_job(self, pipe: Any, job: Job) -> None:
         """The job's ledger record, written before its task is published."""

@@ -25,6 +25,8 @@ __all__ = [
     "CELERY_WIRE_CONFIG",
     "DEVICES",
     "FRAMEWORKS",
+    "FUSE_TASK_NAME",
+    "FUSION_QUEUE",
     "SCHEMA_VERSION",
     "TASK_NAME",
     "Item",
@@ -44,6 +46,9 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 TASK_NAME = "hetbatch.predict"
+# Ensembles: the step that combines members' stored results runs on this queue (cpu pool).
+FUSE_TASK_NAME = "hetbatch.fuse"
+FUSION_QUEUE = "fusion.cpu"
 FRAMEWORKS = ("sklearn", "onnx", "torch", "tensorflow")
 DEVICES = ("cpu", "gpu")
 
@@ -126,6 +131,9 @@ class TaskEnvelope:
     reply_to: str | None = None
     deadline: float | None = None  # unix seconds
     v: int = SCHEMA_VERSION
+    # Optional: set on an ensemble member's task. The worker that stores the item's
+    # result hands it to the ensemble step (producers/ensemble.py: Continuation).
+    then: dict[str, Any] | None = None
 
     @property
     def rows(self) -> int:
@@ -143,7 +151,7 @@ class TaskEnvelope:
             "version": self.version,
             "items": [[i.job_id, i.chunk, i.rows] for i in self.items],
         }
-        for name in ("payload_key", "payload_b64", "reply_to", "deadline"):
+        for name in ("payload_key", "payload_b64", "reply_to", "deadline", "then"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -172,6 +180,7 @@ class TaskEnvelope:
                 payload_b64=_opt(data.get("payload_b64"), str),
                 reply_to=_opt(data.get("reply_to"), str),
                 deadline=_opt(data.get("deadline"), (int, float)),
+                then=_opt(data.get("then"), dict),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PayloadError(f"malformed task envelope: {exc}") from exc

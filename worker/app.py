@@ -9,7 +9,8 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from producers.publish import TRANSPORT_OPTIONS
-from producers.wire import CELERY_WIRE_CONFIG, TASK_NAME
+from producers.wire import CELERY_WIRE_CONFIG, FUSE_TASK_NAME, TASK_NAME
+from worker.ensemble import EnsembleRunner
 from worker.runtime import Runtime
 from worker.settings import WorkerSettings
 
@@ -41,19 +42,32 @@ def make_app(settings: WorkerSettings) -> Celery:
         task_create_missing_queues=True,
     )
     state: dict[str, Runtime] = {}
+    ensembles: dict[str, EnsembleRunner] = {}
     lock = threading.Lock()
+
+    def send(name: str, queue: str, body: dict[str, Any], priority: int) -> None:
+        app.send_task(name, args=[body], queue=queue, priority=priority, retry=True)
 
     def runtime() -> Runtime:
         rt = state.get("rt")
         if rt is None:
             with lock:
-                rt = state.get("rt") or Runtime(settings)
-                state["rt"] = rt
+                rt = state.get("rt")
+                if rt is None:
+                    rt = Runtime(settings)
+                    ensembles["runner"] = EnsembleRunner(rt, send)
+                    rt.after_store.append(ensembles["runner"].on_stored)
+                    state["rt"] = rt
         return rt
 
     @app.task(name=TASK_NAME, ignore_result=True)  # type: ignore[untyped-decorator]
     def predict(envelope: Any) -> dict[str, Any]:
         return runtime().handle(envelope)
+
+    @app.task(name=FUSE_TASK_NAME, ignore_result=True)  # type: ignore[untyped-decorator]
+    def fuse(continuation: Any) -> dict[str, Any]:
+        runtime()
+        return ensembles["runner"].handle(continuation)
 
     app.hetbatch_runtime = runtime  # for tests and status
     return app

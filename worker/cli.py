@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from worker.adapt import add_parser as add_adapt_parsers
+from worker.evaluation import add_parser as add_ensembles_parser
 
 __all__ = ["main"]
 
@@ -92,10 +93,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     client = _client(args)
     try:
         if args.action == "register":
-            from worker.registration import build_spec
+            from worker.registration import register_path
 
-            spec = client.registry.register(build_spec(args.path, name=args.name, version=args.version))
-            print(f"registered {spec.ref} ({spec.framework} on {spec.device}, queue {spec.queue})")
+            spec = register_path(client.registry, args.path, name=args.name, version=args.version)
+            if spec.kind == "ensemble":
+                print(f"registered {spec.ref} ({spec.strategy} of {', '.join(m.ref for m in spec.members)})")
+            else:
+                print(f"registered {spec.ref} ({spec.framework} on {spec.device}, queue {spec.queue})")
         elif args.action == "list":
             specs = client.registry.list()
             if not specs:
@@ -198,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=200_000)
     p.set_defaults(func=cmd_demo)
     add_adapt_parsers(sub)
+    add_ensembles_parser(sub)
     for subparser in sub.choices.values():
         # Accept the option after the subcommand too, without overriding it with None.
         subparser.add_argument("--redis-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -25,10 +25,10 @@ import tomllib
 
 from adapters import Adapter, adapter_class, sha256_of
 from producers.errors import ConfigError
-from producers.registry import ModelSpec
+from producers.registry import ModelSpec, Registry, Spec
 from producers.schema import TensorSpec
 
-__all__ = ["CONFIG_NAME", "build_spec", "read_config", "write_config"]
+__all__ = ["CONFIG_NAME", "build_spec", "read_config", "register_path", "write_config"]
 
 CONFIG_NAME = "model.toml"
 _KEYS = {
@@ -50,8 +50,10 @@ _KEYS = {
 }
 
 
-def read_config(path: str | Path) -> tuple[dict[str, Any], Path]:
+def read_config(path: str | Path, known: set[str] | None = _KEYS) -> tuple[dict[str, Any], Path]:
     """Read ``model.toml`` from a directory (or the file itself); returns (config, directory).
+
+    ``known`` are the keys allowed (None: any; ensembles have their own set).
 
     Raises:
         ConfigError: missing or unparsable file, or unknown keys.
@@ -64,9 +66,9 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], Path]:
         raise ConfigError(f"no {CONFIG_NAME} in {path}; see 'hetbatch models register --help'") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: {exc}") from exc
-    unknown = sorted(set(config) - _KEYS)
+    unknown = sorted(set(config) - set(known)) if known is not None else []
     if unknown:
-        raise ConfigError(f"{file}: unknown keys {unknown}; known: {sorted(_KEYS)}")
+        raise ConfigError(f"{file}: unknown keys {unknown}; known: {sorted(known or ())}")
     return config, file.parent
 
 
@@ -165,3 +167,17 @@ def build_spec(path: str | Path, **overrides: Any) -> ModelSpec:
         classes=tuple(classes) if classes is not None else None,
         options=options,
     )
+
+
+def register_path(registry: Registry, path: str | Path, **overrides: Any) -> Spec:
+    """Build and store the registry entry of a model directory, or of an ensemble's
+    (``kind = "ensemble"``: validated against the registry, see worker/ensemble_config.py).
+
+    Raises:
+        ConfigError: invalid config; ModelLoadError and friends: the artifact cannot be loaded.
+    """
+    if read_config(path, known=None)[0].get("kind") == "ensemble":
+        from worker.ensemble_config import build_ensemble
+
+        return registry.register(build_ensemble(path, registry, **overrides))
+    return registry.register(build_spec(path, **overrides))

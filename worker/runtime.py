@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, cast
@@ -59,6 +59,9 @@ class Runtime:
         self.writer = ResultWriter(
             self.redis, self.keys, ttl_s=settings.result_ttl_s, inline_bytes=settings.notice_inline_bytes
         )
+        # Called once every item of a task has a stored result (new or found from an
+        # earlier delivery), e.g. to hand an ensemble member's result on to fusion.
+        self.after_store: list[Callable[[TaskEnvelope], None]] = []
 
     def handle(self, body: Any) -> dict[str, Any]:
         """Run one task body; returns a small summary (what Flower shows as the result)."""
@@ -70,13 +73,19 @@ class Runtime:
             return {"error": str(exc)}
         todo = self._pending_items(env)
         if not todo:
+            self._after_store(env)
             return {"model": env.model, "duplicate": len(env.items)}
         outcomes = self._run(env, todo)
         self.writer.write(outcomes, env.reply_to)
-        if env.payload_key is not None:
+        self._after_store(env)
+        if env.payload_key is not None and env.then is None:  # an ensemble's input is shared: fusion drops it
             self.redis.delete(env.payload_key)
         failed = sum(1 for o in outcomes if o.result[:1] == b"E")
         return {"model": f"{env.model}@{env.version}", "items": len(outcomes), "failed": failed, "rows": env.rows}
+
+    def _after_store(self, env: TaskEnvelope) -> None:
+        for hook in self.after_store:
+            hook(env)
 
     def _pending_items(self, env: TaskEnvelope) -> list[tuple[int, Item]]:
         """(row offset, item) of the items that have no stored result yet."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from producers.settings import DEFAULT_REDIS_URL, env_overrides
-from producers.wire import FRAMEWORKS, queue_for
+from producers.wire import FRAMEWORKS, FUSION_QUEUE, queue_for
 
 __all__ = ["WorkerSettings"]
 
@@ -54,7 +54,8 @@ class WorkerSettings:
     def queue_names(self) -> list[str]:
         if self.queues:
             return [q.strip() for q in self.queues.split(",") if q.strip()]
-        return [queue_for(f, self.pool) for f in FRAMEWORKS if not (f == "sklearn" and self.pool == "gpu")]
+        names = [queue_for(f, self.pool) for f in FRAMEWORKS if not (f == "sklearn" and self.pool == "gpu")]
+        return [*names, FUSION_QUEUE] if self.pool == "cpu" else names
 
     @classmethod
     def from_env(cls, **overrides: Any) -> WorkerSettings:
