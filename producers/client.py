@@ -28,6 +28,7 @@ from producers.schema import CastRule, to_table, unwrap_tensors
 from producers.settings import ClientSettings
 from producers.wire import (
     CELERY_WIRE_CONFIG,
+    DEVICE_KEY,
     TASK_NAME,
     Item,
     Keys,
@@ -36,6 +37,7 @@ from producers.wire import (
     decode_notice,
     decode_result,
     encode_table,
+    queue_for,
 )
 
 __all__ = ["Client", "Job", "make_producer_app"]
@@ -102,6 +104,10 @@ class Job:
                 raise JobFailed(self.id if self.chunks == 1 else f"{self.id} chunk {chunk}", decoded)
             tables.append(decoded)
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+        devices = {(t.schema.metadata or {}).get(DEVICE_KEY) for t in tables} - {None}
+        if len(devices) > 1:  # concat keeps the first chunk's metadata: say every device that ran it
+            meta = {**(table.schema.metadata or {}), DEVICE_KEY: b",".join(sorted(d for d in devices if d))}
+            table = table.replace_schema_metadata(meta)
         return unwrap_tensors(table)
 
     def status(self) -> Status:
@@ -356,13 +362,15 @@ class Client:
         level = _PRIORITIES.get(priority)
         if level is None:
             raise ValueError(f"priority must be one of {sorted(_PRIORITIES)}, not {priority!r}")
+        queue = spec.queue
         try:
+            queue = self._route(spec)
             with self._app.producer_or_acquire() as producer:
                 for env in envelopes:
                     self._app.send_task(
                         TASK_NAME,
                         args=[env.to_dict()],
-                        queue=spec.queue,
+                        queue=queue,
                         priority=level,
                         producer=producer,
                         argsrepr=env.describe(),
@@ -370,7 +378,14 @@ class Client:
                         retry_policy={"max_retries": self.settings.publish_retries},
                     )
         except Exception as exc:  # kombu raises many kinds; all mean the same here
-            raise BrokerError(f"could not publish to queue {spec.queue!r} at {self._safe_url()}: {exc}") from exc
+            raise BrokerError(f"could not publish to queue {queue!r} at {self._safe_url()}: {exc}") from exc
+
+    def _route(self, spec: ModelSpec) -> str:
+        """The model's queue; a gpu model with ``fallback = "cpu"`` goes to the cpu queue while no
+        gpu worker of its queue is alive (a job never moves to a cpu silently otherwise)."""
+        if spec.device == "gpu" and spec.fallback == "cpu" and not self.redis.exists(self.keys.alive(spec.queue)):
+            return queue_for(spec.framework, "cpu")
+        return spec.queue
 
     def _safe_url(self) -> str:
         kw = self.redis.connection_pool.connection_kwargs
