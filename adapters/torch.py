@@ -185,11 +185,15 @@ class TorchAdapter(Adapter):
         try:
             with torch.inference_mode():
                 result = self.model(*args)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()  # let the batcher's halved retry start from a clean cache
-            raise
         except Exception as exc:
-            shapes = {n: f"{_dtype_name(a.dtype)}{list(a.shape)}" for n, a in zip(self.input_names, args, strict=True)}
+            shapes = {n: f"{_dtype_name(t.dtype)}{list(t.shape)}" for n, t in zip(self.input_names, args, strict=True)}
+            # TorchScript reports a CUDA OOM as a RuntimeError: match the message too. It is
+            # re-raised as is, so the batcher halves the batch; the emptied cache gives the retry room.
+            if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+                args.clear()
+                if self.torch_device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise
             raise PredictError(f"torch model failed on inputs {shapes}: {exc}") from exc
         return self._outputs(result)
 
