@@ -80,7 +80,7 @@ class TorchAdapter(Adapter):
             self.torch_device = torch.device("cuda")
         else:
             self.torch_device = torch.device("cpu")
-        self._infos: list[TensorInfo] | None = None
+        self._output_infos: list[TensorInfo] | None = None
         kind = "state_dict" if self.options.get("module") else _archive_kind(self.artifact)
         if kind == "export":
             self.model: Any = self._load_export()
@@ -100,7 +100,7 @@ class TorchAdapter(Adapter):
             raise ModelLoadError(
                 f"{self.artifact.name} is neither TorchScript (torch.jit.save) nor a torch.export program (.pt2)"
             )
-        count = 1 if self._infos is None else len(self._infos)
+        count = 1 if self._output_infos is None else len(self._output_infos)
         self.output_names = self._names(
             "output_names", ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
         )
@@ -126,10 +126,12 @@ class TorchAdapter(Adapter):
                 )
             infos.append(TensorInfo(str(name), _dtype_name(val.dtype), shape[1:]))
         self.input_names = self._names("input_names", [i.name for i in infos] or ["x"])
+        if len(infos) == len(self.input_names):  # options.input_names renames them in order
+            infos = [TensorInfo(n, i.dtype, i.shape) for n, i in zip(self.input_names, infos, strict=True)]
         self._input_infos = infos
         out_node = next(n for n in program.graph.nodes if n.op == "output")
         vals = {getattr(a, "name", ""): a.meta.get("val") for a in out_node.args[0] if hasattr(a, "meta")}
-        self._infos = [
+        self._output_infos = [
             TensorInfo(str(n), _dtype_name(vals[n].dtype) if vals.get(n) is not None else "float32")
             for n in program.graph_signature.user_outputs
         ]
@@ -149,7 +151,8 @@ class TorchAdapter(Adapter):
         if not isinstance(state, Mapping):
             raise ModelLoadError(f"{self.artifact.name} holds a {type(state).__name__}, not a state dict")
         model.load_state_dict(state, strict=True)
-        params = [p.name for p in inspect.signature(model.forward).parameters.values()]
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        params = [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in positional]
         self.input_names = self._names("input_names", params or ["x"])
         return model.eval().to(self.torch_device)
 
@@ -157,7 +160,7 @@ class TorchAdapter(Adapter):
         known = {i.name: i for i in getattr(self, "_input_infos", [])}
         # TorchScript and state dicts do not say their shapes: the config's [[inputs]] must.
         inputs = [known.get(n, TensorInfo(n, "float32", (None,))) for n in self.input_names]
-        dtypes = [i.dtype for i in self._infos] if self._infos else []
+        dtypes = [i.dtype for i in self._output_infos] if self._output_infos else []
         if len(dtypes) != len(self.output_names):
             dtypes = ["float32"] * len(self.output_names)
         return inputs, [TensorInfo(n, d) for n, d in zip(self.output_names, dtypes, strict=True)]
