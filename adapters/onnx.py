@@ -20,6 +20,7 @@ _ONNX_DTYPES = {
     "tensor(float16)": "float16",
     "tensor(int64)": "int64",
     "tensor(int32)": "int32",
+    "tensor(int16)": "int16",
     "tensor(int8)": "int8",
     "tensor(uint8)": "uint8",
     "tensor(bool)": "bool",
@@ -29,7 +30,14 @@ _ONNX_DTYPES = {
 
 class OnnxAdapter(Adapter):
     """Options: ``threads`` (intra-op threads, 0 = ORT default), ``tensorrt`` (bool),
-    ``graph_optimization`` (``all``, ``extended``, ``basic``, ``disabled``)."""
+    ``graph_optimization`` (``all``, ``extended``, ``basic``, ``disabled``),
+    ``cuda_options`` (CUDA execution provider options, merged over ours).
+
+    On ``gpu`` the CUDA provider is required (``pip install 'hetbatch[gpu]'``, which
+    brings onnxruntime-gpu: uninstall the CPU ``onnxruntime`` first, both own the same
+    module): a session that came up on the CPU instead is a load error, never a silent
+    fallback. Inputs are copied to the device and outputs back once per ``run``.
+    """
 
     framework = "onnx"
 
@@ -48,6 +56,8 @@ class OnnxAdapter(Adapter):
             "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         }[level]
         providers = self._providers(ort.get_available_providers())
+        if self.options.get("tensorrt") and "TensorrtExecutionProvider" not in providers and self.device == "gpu":
+            log.warning("TensorRT was asked for %s but this onnxruntime lacks it", self.artifact.name)
         self.session = ort.InferenceSession(str(self.artifact), sess_options=opts, providers=providers)
         got = self.session.get_providers()
         log.info("onnx model %s runs on %s", self.artifact.name, got[0])
@@ -61,13 +71,16 @@ class OnnxAdapter(Adapter):
                 )
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def _providers(self, available: list[str]) -> list[str]:
+    def _providers(self, available: list[str]) -> list[str | tuple[str, dict[str, Any]]]:
         if self.device != "gpu":
             return ["CPUExecutionProvider"]
-        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        # The batcher sends ever-changing batch sizes: cuDNN's default exhaustive algorithm
+        # search would benchmark again for each new shape, so use its heuristic instead.
+        cuda = {"cudnn_conv_algo_search": "HEURISTIC", **dict(self.options.get("cuda_options") or {})}
+        wanted: list[str | tuple[str, dict[str, Any]]] = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
         if self.options.get("tensorrt"):
             wanted.insert(0, "TensorrtExecutionProvider")
-        return [p for p in wanted if p in available]
+        return [p for p in wanted if (p if isinstance(p, str) else p[0]) in available]
 
     @property
     def provider(self) -> str:
@@ -75,14 +88,14 @@ class OnnxAdapter(Adapter):
 
     def describe(self) -> tuple[list[TensorInfo], list[TensorInfo]]:
         def info(arg: Any) -> TensorInfo:
-            shape = tuple(d if isinstance(d, int) else None for d in arg.shape[1:])
-            return TensorInfo(arg.name, _ONNX_DTYPES.get(arg.type, "float32"), shape)
+            shape = tuple(d if isinstance(d, int) else None for d in getattr(arg, "shape", [])[1:])
+            return TensorInfo(str(arg.name), _ONNX_DTYPES.get(str(arg.type), "float32"), shape)
 
         return [info(i) for i in self.session.get_inputs()], [info(o) for o in self.session.get_outputs()]
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.session.run(self.output_names, dict(inputs))
-        return dict(zip(self.output_names, (np.asarray(r) for r in results)))
+        return dict(zip(self.output_names, (np.asarray(r) for r in results), strict=True))
 
     def unload(self) -> None:
         self.__dict__.pop("session", None)

@@ -32,6 +32,7 @@ from producers.schema import CastRule, arrays_to_table, to_arrays, to_table, unw
 from producers.settings import ClientSettings
 from producers.wire import (
     CELERY_WIRE_CONFIG,
+    DEVICE_KEY,
     TASK_NAME,
     Item,
     Keys,
@@ -40,6 +41,7 @@ from producers.wire import (
     decode_notice,
     decode_result,
     encode_table,
+    queue_for,
 )
 
 __all__ = ["Client", "Job", "make_producer_app"]
@@ -114,6 +116,10 @@ class Job:
                 raise JobFailed(self.id if self.chunks == 1 else f"{self.id} chunk {chunk}", decoded)
             tables.append(decoded)
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+        devices = {(t.schema.metadata or {}).get(DEVICE_KEY) for t in tables} - {None}
+        if len(devices) > 1:  # concat keeps the first chunk's metadata: say every device that ran it
+            meta = {**(table.schema.metadata or {}), DEVICE_KEY: b",".join(sorted(d for d in devices if d))}
+            table = table.replace_schema_metadata(meta)
         return unwrap_tensors(table)
 
     def status(self) -> Status:
@@ -221,6 +227,7 @@ class Client:
         table = self._prepare(spec, data, cast)
         step = chunk_rows or self.settings.chunk_rows
         starts = range(0, table.num_rows, step)
+        queue = self._route(spec)
         job = self._track(uuid.uuid4().hex, spec.ref, len(starts), table.num_rows)
         deadline = time.time() + deadline_s if deadline_s is not None else None
         pipe = self.redis.pipeline(transaction=False)
@@ -233,7 +240,7 @@ class Client:
                 env = self._envelope(
                     spec, [Item(job.id, chunk, part.num_rows)], blob, self.keys.input(job.id, chunk), pipe, deadline
                 )
-                self._enqueue(pipe, spec, env, level)
+                self._enqueue(pipe, queue, env, level)
                 buffered += len(blob)
                 if buffered >= _FLUSH_BYTES:  # let workers start on early chunks of a big job
                     self._execute(pipe)
@@ -269,6 +276,7 @@ class Client:
             # Each ensemble job fans out to its members already; packing would gain nothing.
             return [self.submit(model, d, cast=cast, priority=priority, deadline_s=deadline_s) for d in datas]
         limit = pack_rows or spec.max_batch_rows or 4096
+        queue = self._route(spec)
         deadline = time.time() + deadline_s if deadline_s is not None else None
         jobs: list[Job] = []
         pack: list[dict[str, np.ndarray]] = []
@@ -284,7 +292,7 @@ class Client:
             merged = {n: np.concatenate([p[n] for p in pack]) if len(pack) > 1 else pack[0][n] for n in names}
             blob = encode_table(arrays_to_table(merged))
             env = self._envelope(spec, items, blob, self.keys.pack(uuid.uuid4().hex), pipe, deadline)
-            self._enqueue(pipe, spec, env, level)
+            self._enqueue(pipe, queue, env, level)
             pack.clear()
             items.clear()
             pack_rows_now = 0
@@ -424,8 +432,7 @@ class Client:
                         raise PayloadTooLarge(len(blob), self.settings.max_payload_bytes)
                     pipe.set(key, blob, ex=self.settings.input_ttl_s)
                 for queue, env in plan.tasks:
-                    message = celery_message(TASK_NAME, [env.to_dict()], queue, level, env.describe())
-                    pipe.lpush(priority_list(queue, level), message)
+                    self._enqueue(pipe, queue, env, level)
                 self._execute(pipe)  # per chunk: workers start on early chunks of a big job
         except Exception:
             self._untrack(job.id)
@@ -437,9 +444,9 @@ class Client:
         meta = {"model": job.model, "chunks": job.chunks, "rows": job.rows, "created": time.time()}
         pipe.set(self.keys.job(job.id), json.dumps(meta), ex=self.settings.result_ttl_s)
 
-    def _enqueue(self, pipe: Any, spec: ModelSpec, env: TaskEnvelope, level: int) -> None:
-        message = celery_message(TASK_NAME, [env.to_dict()], spec.queue, level, env.describe())
-        pipe.lpush(priority_list(spec.queue, level), message)
+    def _enqueue(self, pipe: Any, queue: str, env: TaskEnvelope, level: int) -> None:
+        message = celery_message(TASK_NAME, [env.to_dict()], queue, level, env.describe())
+        pipe.lpush(priority_list(queue, level), message)
 
     def _execute(self, pipe: Any) -> None:
         """Send the pipeline, retrying connection errors with backoff.
@@ -455,6 +462,13 @@ class Client:
                 if attempt + 1 == self.settings.publish_retries:
                     raise BrokerError(f"Redis at {self._safe_url()} unreachable: {exc}; is it running?") from exc
                 time.sleep(0.1 * 2**attempt)
+
+    def _route(self, spec: ModelSpec) -> str:
+        """The model's queue; a gpu model with ``fallback = "cpu"`` goes to the cpu queue while no
+        gpu worker of its queue is alive (a job never moves to a cpu silently otherwise)."""
+        if spec.device == "gpu" and spec.fallback == "cpu" and not self.redis.exists(self.keys.alive(spec.queue)):
+            return queue_for(spec.framework, "cpu")
+        return spec.queue
 
     def _safe_url(self) -> str:
         kw = self.redis.connection_pool.connection_kwargs

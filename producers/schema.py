@@ -99,12 +99,30 @@ class TensorSpec:
         )
 
 
+def _arrow_dtype_name(t: pa.DataType) -> str:
+    """The numpy name of an Arrow value type (``float64``, not Arrow's ``double``)."""
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    try:
+        return str(np.dtype(t.to_pandas_dtype()).name)
+    except (NotImplementedError, TypeError):
+        return str(t)
+
+
 def _describe_arrow(t: pa.DataType) -> str:
     if isinstance(t, pa.FixedShapeTensorType):
-        return f"{t.value_type}{list(t.shape)}"
+        return f"{_arrow_dtype_name(t.value_type)}{list(t.shape)}"
     if pa.types.is_fixed_size_list(t):
-        return f"{t.value_type}[{t.list_size}]"
-    return str(t)
+        return f"{_arrow_dtype_name(t.value_type)}[{t.list_size}]"
+    return _arrow_dtype_name(t)
+
+
+def _fits(t: pa.DataType, spec: TensorSpec) -> bool:
+    """Exactly the spec's type: its fixed-size list, or a row-major fixed_shape_tensor of its shape."""
+    if isinstance(t, pa.FixedShapeTensorType):
+        row_major = not t.permutation or list(t.permutation) == list(range(len(t.shape)))
+        return row_major and tuple(t.shape) == spec.shape and t.storage_type == spec.arrow_type
+    return bool(t == spec.arrow_type)
 
 
 def _dtype_name(dtype: np.dtype[Any]) -> str:
@@ -212,7 +230,9 @@ def _input_array(data: pa.Table | dict[str, np.ndarray], spec: TensorSpec, cast:
         if spec.columns and all(c in data for c in spec.columns):
             cols = [_cast(np.asarray(data[c]), TensorSpec(c, spec.dtype), cast) for c in spec.columns]
             return np.stack(cols, axis=1).reshape((len(cols[0]), *spec.shape))
-        raise SchemaMismatch(f"missing input; got {sorted(data)}", column=spec.name, expected=spec.describe())
+        raise SchemaMismatch(
+            f"missing input; got {sorted(data)}", column=spec.name, expected=spec.describe(), received="no such input"
+        )
     if spec.name in data.column_names:
         return _column_values(data.column(spec.name), spec, cast)
     if spec.columns and all(c in data.column_names for c in spec.columns):
@@ -220,7 +240,10 @@ def _input_array(data: pa.Table | dict[str, np.ndarray], spec: TensorSpec, cast:
     missing = [c for c in spec.columns or () if c not in data.column_names]
     hint = f"; missing feature columns {missing[:5]}" if missing else ""
     raise SchemaMismatch(
-        f"missing input column{hint}; got {data.column_names[:10]}", column=spec.name, expected=spec.describe()
+        f"missing input column{hint}; got {data.column_names[:10]}",
+        column=spec.name,
+        expected=spec.describe(),
+        received="no such column",
     )
 
 
@@ -258,12 +281,18 @@ def table_to_arrays(table: pa.Table, inputs: Sequence[TensorSpec]) -> dict[str, 
     for spec in inputs:
         if spec.name not in table.column_names:
             raise SchemaMismatch(
-                f"missing input column; got {table.column_names[:10]}", column=spec.name, expected=spec.describe()
+                f"missing input column; got {table.column_names[:10]}",
+                column=spec.name,
+                expected=spec.describe(),
+                received="no such column",
             )
         col = table.column(spec.name)
-        if col.type != spec.arrow_type:
+        if not _fits(col.type, spec):
             raise SchemaMismatch(
-                "wrong type", column=spec.name, expected=spec.describe(), received=_describe_arrow(col.type)
+                "wrong dtype or shape; the worker never casts, convert it on the producer side",
+                column=spec.name,
+                expected=spec.describe(),
+                received=_describe_arrow(col.type),
             )
         out[spec.name] = _column_values(col, spec, "no")
     return out
@@ -307,4 +336,4 @@ def unwrap_tensors(table: pa.Table) -> pa.Table:
             f = pa.field(f.name, ext)
         cols.append(col)
         fields.append(f)
-    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=table.schema.metadata))

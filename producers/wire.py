@@ -24,6 +24,7 @@ from producers.errors import PayloadError, PayloadTooLarge, RemoteError
 __all__ = [
     "CELERY_WIRE_CONFIG",
     "DEVICES",
+    "DEVICE_KEY",
     "FRAMEWORKS",
     "FUSE_TASK_NAME",
     "FUSION_QUEUE",
@@ -51,6 +52,8 @@ FUSE_TASK_NAME = "hetbatch.fuse"
 FUSION_QUEUE = "fusion.cpu"
 FRAMEWORKS = ("sklearn", "onnx", "torch", "tensorflow")
 DEVICES = ("cpu", "gpu")
+# Result schema metadata: the device that ran the chunk ("cpu,gpu" once a job's chunks differ).
+DEVICE_KEY = b"hetbatch.device"
 
 # Shared by the producer's and the worker's Celery apps: JSON only, so a pickled
 # message is refused by kombu before any task code sees it.
@@ -105,6 +108,10 @@ class Keys:
 
     def models(self) -> str:
         return f"{self.prefix}:models"
+
+    def alive(self, queue: str) -> str:
+        """Refreshed with a TTL by every worker consuming ``queue`` (see worker.pool)."""
+        return f"{self.prefix}:alive:{queue}"
 
     def model(self, name: str) -> str:
         return f"{self.prefix}:model:{name}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -23,15 +22,25 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.pool import Heartbeat, pool_env, spawn_gpu_workers
     from worker.settings import WorkerSettings
 
-    if args.pool == "gpu" and args.gpus and "," in args.gpus:
-        return _spawn_gpu_workers(args)
-    if args.pool == "gpu" and args.gpus:
-        # Before any framework is imported: CUDA reads it once, at first use.
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
-    if args.pool == "cpu":
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    gpus = [g.strip() for g in (args.gpus or "").split(",") if g.strip()]
+    if gpus and args.pool != "gpu":
+        raise SystemExit("hetbatch worker: --gpus needs --pool gpu")
+    if len(gpus) > 1:
+        passed = ["--loglevel", args.loglevel]
+        options = {"--redis-url": args.redis_url, "--queues": args.queues, "--concurrency": args.concurrency}
+        for flag, value in options.items():
+            if value is not None:
+                passed += [flag, str(value)]
+        return spawn_gpu_workers(gpus, passed)
+    # Before any framework is imported: CUDA reads it once, at first use; a cpu pool sees no GPU.
+    os.environ.update(pool_env(args.pool, gpus[0] if gpus else None))
+    print(
+        f"hetbatch worker: pool={args.pool} CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}",
+        file=sys.stderr,
+    )
     settings = WorkerSettings.from_env(
         redis_url=args.redis_url, pool=args.pool, queues=args.queues, concurrency=args.concurrency
     )
@@ -55,38 +64,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         "--without-mingle",
         "--without-gossip",
     ]
-    app.worker_main(argv)
-    return 0
-
-
-def _spawn_gpu_workers(args: argparse.Namespace) -> int:
-    """One worker process per GPU, each seeing only its own device."""
-    procs = []
-    for gpu in args.gpus.split(","):
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu.strip())
-        argv = [
-            sys.executable,
-            "-m",
-            "worker.cli",
-            "worker",
-            "--pool",
-            "gpu",
-            "--gpus",
-            gpu.strip(),
-            "--loglevel",
-            args.loglevel,
-        ]
-        if args.redis_url:
-            argv += ["--redis-url", args.redis_url]
-        if args.queues:
-            argv += ["--queues", args.queues]
-        procs.append(subprocess.Popen(argv, env=env))
+    heartbeat = Heartbeat(settings).start()
     try:
-        return max(p.wait() for p in procs)
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        return max(p.wait() for p in procs)
+        app.worker_main(argv)
+    finally:
+        heartbeat.stop()
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from adapters import Adapter, adapter_class
+from adapters import Adapter, ModelLoadError, adapter_class
 from producers.registry import ModelSpec, Registry
 from worker.batching import Arrivals, Batcher, BatchStats
 from worker.settings import WorkerSettings
@@ -81,6 +81,11 @@ class ModelCache:
         started = time.monotonic()
         options = dict(spec.options)
         options.setdefault("threads", self._settings.intra_op_threads)
+        if spec.device == "gpu" and self._settings.pool != "gpu" and spec.fallback != "cpu":
+            raise ModelLoadError(
+                f"{spec.ref} is a gpu model without fallback = 'cpu': a cpu worker does not run it; "
+                f"start a gpu worker for queue {spec.queue}"
+            )
         device = "gpu" if spec.device == "gpu" and self._settings.pool == "gpu" else "cpu"
         adapter = adapter_class(spec.framework)(
             spec.artifact, options=options, device=device, sha256=spec.sha256, pinned=spec.pinned

@@ -105,9 +105,16 @@ def write_config(directory: str | Path, **config: Any) -> Path:
 
 
 def _inputs(config: dict[str, Any], adapter: Adapter, name: str) -> tuple[TensorSpec, ...]:
-    if config.get("inputs"):
-        return tuple(TensorSpec.from_dict(t) for t in config["inputs"])
     found, _ = adapter.describe()
+    if config.get("inputs"):
+        declared = tuple(TensorSpec.from_dict(t) for t in config["inputs"])
+        # The worker hands the model its inputs by these names: a typo would fail every job.
+        if sorted(t.name for t in declared) != sorted(i.name for i in found):
+            raise ConfigError(
+                f"model {name!r}: [[inputs]] names {[t.name for t in declared]}, the model takes "
+                f"{[i.name for i in found]}; rename them (or set options.input_names where the framework allows)"
+            )
+        return declared
     specs = []
     columns = getattr(adapter, "feature_names", lambda: None)()
     for info in found:

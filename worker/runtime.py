@@ -20,7 +20,7 @@ import redis
 from producers.errors import HetbatchError, JobExpired, JobLost, PayloadError, RemoteError, SchemaMismatch
 from producers.registry import ModelSpec, Registry
 from producers.schema import arrays_to_table, table_to_arrays
-from producers.wire import Item, Keys, TaskEnvelope, decode_table, encode_error, encode_result
+from producers.wire import DEVICE_KEY, Item, Keys, TaskEnvelope, decode_table, encode_error, encode_result
 from worker.batching import Arrivals, BatchStats
 from worker.models import ModelCache
 from worker.results import Outcome, ResultWriter
@@ -128,14 +128,19 @@ class Runtime:
         finally:
             self.arrivals.leave(ref)
         futures = [(i, v if isinstance(v, Outcome) else model.batcher.submit(v, i.rows)) for i, v in views]
-        return [self._outcome(item, f, spec) for item, f in futures]
+        return [self._outcome(item, f, spec, model.adapter.device) for item, f in futures]
 
-    def _outcome(self, item: Item, pending: Future[dict[str, np.ndarray]] | Outcome, spec: ModelSpec) -> Outcome:
+    def _outcome(
+        self, item: Item, pending: Future[dict[str, np.ndarray]] | Outcome, spec: ModelSpec, device: str
+    ) -> Outcome:
         if isinstance(pending, Outcome):
             return pending
         try:
             outputs = pending.result(timeout=self.settings.task_timeout_s)
-            return Outcome(item.job_id, item.chunk, encode_result(self._select(outputs, spec)))
+            table = self._select(outputs, spec)
+            # Which device ran it: a gpu model with fallback = "cpu" may have run on a cpu worker.
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), DEVICE_KEY: device.encode()})
+            return Outcome(item.job_id, item.chunk, encode_result(table))
         except FutureTimeout:
             return _error(item, TimeoutError(f"no model result within {self.settings.task_timeout_s} s"))
         except Exception as exc:

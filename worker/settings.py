@@ -45,6 +45,8 @@ class WorkerSettings:
     """Longest a task waits for its batch before failing its items."""
     metrics_port: int = 0
     """Prometheus endpoint port (0: off)."""
+    heartbeat_ttl_s: float = 15.0
+    """A worker's liveness key per queue lives this long after its last refresh."""
 
     def __post_init__(self) -> None:
         if self.pool not in ("cpu", "gpu"):
