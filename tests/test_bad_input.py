@@ -95,7 +95,7 @@ def _iris_bytes(rows: int, dtype: str = "float64", width: int = 4, name: str = "
         (_iris_bytes(5)[:-40], 5, "PayloadError", "not a valid Arrow IPC stream"),
         (_iris_bytes(5), 4, "PayloadError", "payload has 5 rows, the envelope says 4"),
         (_iris_bytes(5, "float32"), 5, "SchemaMismatch", "expected float64[4], received float"),
-        (_iris_bytes(5, width=3), 5, "SchemaMismatch", "received double[3]"),
+        (_iris_bytes(5, width=3), 5, "SchemaMismatch", "received float64[3]"),
         (_iris_bytes(5, name="Y"), 5, "SchemaMismatch", "missing input column"),
         (_iris_bytes(0), 0, "SchemaMismatch", "no rows"),
     ],

@@ -39,7 +39,7 @@ def test_safe_casts_only_unless_asked() -> None:
 
 def test_the_worker_never_casts() -> None:
     table = to_table({"x": np.ones((2, 6), np.float64)}, [TensorSpec("x", "float64", (6,))])
-    with pytest.raises(SchemaMismatch, match="expected float32\\[2, 3\\], received double\\[6\\]"):
+    with pytest.raises(SchemaMismatch, match="expected float32\\[2, 3\\], received float64\\[6\\]"):
         table_to_arrays(table, [X])
 
 
