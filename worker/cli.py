@@ -10,6 +10,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from worker.flower import add_parser as add_flower_parser
+from worker.status import add_parser as add_status_parser
+
 __all__ = ["main"]
 
 
@@ -191,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build example models, start a worker, score a Parquet file")
     p.add_argument("--rows", type=int, default=200_000)
     p.set_defaults(func=cmd_demo)
+    add_flower_parser(sub)
+    add_status_parser(sub)
     for subparser in sub.choices.values():
         # Accept the option after the subcommand too, without overriding it with None.
         subparser.add_argument("--redis-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

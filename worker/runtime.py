@@ -21,7 +21,9 @@ from producers.errors import HetbatchError, JobExpired, JobLost, PayloadError, R
 from producers.registry import ModelSpec, Registry
 from producers.schema import arrays_to_table, table_to_arrays
 from producers.wire import Item, Keys, TaskEnvelope, decode_table, encode_error, encode_result
+from worker import status as _status  # noqa: F401  (connects the heartbeat to worker start)
 from worker.batching import BatchStats
+from worker.metrics import WorkerMetrics
 from worker.models import ModelCache
 from worker.results import Outcome, ResultWriter
 from worker.settings import WorkerSettings
@@ -58,6 +60,7 @@ class Runtime:
         self.writer = ResultWriter(
             self.redis, self.keys, ttl_s=settings.result_ttl_s, inline_bytes=settings.notice_inline_bytes
         )
+        self.metrics = WorkerMetrics(settings, self.redis, self.models.loaded).start()
 
     def handle(self, body: Any) -> dict[str, Any]:
         """Run one task body; returns a small summary (what Flower shows as the result)."""
@@ -72,6 +75,7 @@ class Runtime:
             return {"model": env.model, "duplicate": len(env.items)}
         outcomes = self._run(env, todo)
         self.writer.write(outcomes, env.reply_to)
+        self.metrics.observe_outcomes(f"{env.model}@{env.version}", env.items, outcomes)
         if env.payload_key is not None:
             self.redis.delete(env.payload_key)
         failed = sum(1 for o in outcomes if o.result[:1] == b"E")
@@ -120,7 +124,13 @@ class Runtime:
             return pending
         try:
             outputs = pending.result(timeout=self.settings.task_timeout_s)
-            return Outcome(item.job_id, item.chunk, encode_result(self._select(outputs, spec)))
+            data = encode_result(self._select(outputs, spec))
+            if len(data) > self.settings.max_result_bytes:
+                raise PayloadError(
+                    f"result of {len(data)} bytes is over max_result_bytes={self.settings.max_result_bytes}; "
+                    "submit smaller chunks (chunk_rows)"
+                )
+            return Outcome(item.job_id, item.chunk, data)
         except FutureTimeout:
             return _error(item, TimeoutError(f"no model result within {self.settings.task_timeout_s} s"))
         except Exception as exc:
@@ -144,6 +154,7 @@ class Runtime:
         return table
 
     def _record_batch(self, spec: ModelSpec, stats: BatchStats) -> None:
+        self.metrics.observe_batch(spec.ref, stats)
         key = f"{self.keys.prefix}:stats:{spec.ref}"
         pipe = self.redis.pipeline(transaction=False)
         pipe.hincrby(key, "batches", 1)
@@ -154,5 +165,6 @@ class Runtime:
         pipe.execute()
 
     def close(self) -> None:
+        self.metrics.stop()
         self.models.close()
         self.redis.close()
