@@ -154,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
-    return run_demo(rows=args.rows, redis_url=args.redis_url)
+    return run_demo(rows=args.rows, redis_url=args.redis_url, start_worker=not args.no_worker)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="build example models, start a worker, score a Parquet file")
     p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--no-worker", action="store_true", help="use the workers already on this Redis (docker compose)")
     p.set_defaults(func=cmd_demo)
     add_flower_parser(sub)
     add_status_parser(sub)

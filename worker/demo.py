@@ -72,8 +72,11 @@ def _start_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def run_demo(rows: int = 200_000, redis_url: str | None = None, workdir: str = ".demo") -> int:
-    """Run the demo; returns the process exit code."""
+def run_demo(
+    rows: int = 200_000, redis_url: str | None = None, workdir: str = ".demo", start_worker: bool = True
+) -> int:
+    """Run the demo; returns the process exit code. Without ``start_worker`` the workers
+    already consuming this Redis do the work (they must see ``workdir`` at the same path)."""
     import onnxruntime as ort
     import pyarrow.parquet as pq
 
@@ -97,8 +100,9 @@ def run_demo(rows: int = 200_000, redis_url: str | None = None, workdir: str = "
             refs = [client.registry.register(build_spec(root / d)).ref for d in ("forest", "forest-onnx")]
         print(f"registered {', '.join(refs)}")
         X = _write_parquet(root / "input.parquet", features, rows)
-        worker = _start_worker(url, root / "worker.log")
-        print(f"worker up (log: {root / 'worker.log'}); scoring {rows:,} rows through queue onnx.cpu")
+        if start_worker:
+            worker = _start_worker(url, root / "worker.log")
+            print(f"worker up (log: {root / 'worker.log'}); scoring {rows:,} rows through queue onnx.cpu")
         started = time.perf_counter()
         code = cli_main(["--redis-url", url, "run", "--model", "demo-forest-onnx", "--input",
                          str(root / "input.parquet"), "--output", str(root / "output.parquet"), "--keep", "id"])
