@@ -29,6 +29,7 @@ from producers.wire import Status, decode_notice
 __all__ = ["AsyncClient", "AsyncJob"]
 
 _EARLY_MAX = 4096
+_BLPOP_TIMEOUT_S = 1
 
 
 class AsyncJob:
@@ -87,6 +88,7 @@ class AsyncClient:
         self._events: dict[str, asyncio.Event] = {}
         self._early: dict[str, dict[int, bytes | None]] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @classmethod
     def from_url(cls, url: str, **settings: Any) -> AsyncClient:
@@ -101,10 +103,15 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Stop the reply listener and release connections."""
+        self._stopping = True
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            # The listener sees the flag within one BLPOP timeout. Cancelling it mid-read
+            # is not enough: redis-py can swallow the cancellation and read on.
+            done, _ = await asyncio.wait({self._listener}, timeout=_BLPOP_TIMEOUT_S * 3)
+            if not done:
+                self._listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(self._listener, timeout=_BLPOP_TIMEOUT_S * 3)
             self._listener = None
         await self._redis.aclose()
         await asyncio.to_thread(self._sync.close)
@@ -177,9 +184,9 @@ class AsyncClient:
         return AsyncJob(self, job)
 
     async def _listen(self) -> None:
-        while True:
+        while not self._stopping:
             try:
-                first = await self._redis.blpop([self._reply_key], timeout=1)
+                first = await self._redis.blpop([self._reply_key], timeout=_BLPOP_TIMEOUT_S)
                 if first is None:
                     continue
                 more = await self._redis.lpop(self._reply_key, 1024)

@@ -433,9 +433,11 @@ class Client:
         return f"{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
 
     def _track(self, job_id: str, ref: str, chunks: int, rows: int) -> Job:
+        if not self._listen_replies:  # results are read from their keys
+            return Job(self, job_id, ref, chunks, rows)
         with self._lock:
             self._waiters[job_id] = _Waiter(chunks)
-            if self._listener is None and self._listen_replies:
+            if self._listener is None:
                 self._listener = threading.Thread(target=self._listen, name="hetbatch-replies", daemon=True)
                 self._listener.start()
         return Job(self, job_id, ref, chunks, rows)
