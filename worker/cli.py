@@ -117,7 +117,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 def _batches(path: str, rows: int) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
-    yield from pq.ParquetFile(path).iter_batches(batch_size=rows)
+    # pre_buffer=False: with pre-buffering, iter_batches keeps every column chunk it has
+    # read until the file is closed, so the client grew with the file (bench/etl_memory.py).
+    yield from pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=rows)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
