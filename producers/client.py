@@ -27,7 +27,8 @@ from producers.errors import (
     SchemaMismatch,
 )
 from producers.publish import TRANSPORT_OPTIONS, celery_message, priority_list
-from producers.registry import ModelSpec, Registry, Spec
+from producers.registry import ModelSpec, Registry, Spec, parse_ref
+from producers.retention import PurgeReport, delete_job, purge_model
 from producers.schema import CastRule, arrays_to_table, to_arrays, to_table, unwrap_tensors
 from producers.settings import ClientSettings
 from producers.wire import (
@@ -44,7 +45,7 @@ from producers.wire import (
     queue_for,
 )
 
-__all__ = ["Client", "Job", "make_producer_app"]
+__all__ = ["Client", "Job", "assemble", "make_producer_app", "status_of"]
 
 _PRIORITIES = {"high": 0, "normal": 5, "low": 9}
 _FLUSH_BYTES = 1 << 20
@@ -67,6 +68,41 @@ def make_producer_app(url: str) -> Celery:
         broker_transport_options=dict(TRANSPORT_OPTIONS),
     )
     return app
+
+
+def assemble(job_id: str, chunks: int, parts: dict[int, bytes]) -> pa.Table:
+    """A job's table from its stored chunk results, in order.
+
+    Raises:
+        JobFailed: a worker reported an error for a chunk (first failing chunk).
+        JobExpired: the deadline passed before it ran.
+    """
+    tables = []
+    for chunk in range(chunks):
+        decoded = decode_result(parts[chunk])
+        if isinstance(decoded, RemoteError):
+            if decoded.type == "JobExpired":
+                raise JobExpired(job_id, decoded.message)
+            raise JobFailed(job_id if chunks == 1 else f"{job_id} chunk {chunk}", decoded)
+        tables.append(decoded)
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    devices = {(t.schema.metadata or {}).get(DEVICE_KEY) for t in tables} - {None}
+    if len(devices) > 1:  # concat keeps the first chunk's metadata: say every device that ran it
+        meta = {**(table.schema.metadata or {}), DEVICE_KEY: b",".join(sorted(d for d in devices if d))}
+        table = table.replace_schema_metadata(meta)
+    return unwrap_tensors(table)
+
+
+def status_of(stored: Sequence[bytes | None], recorded: bool) -> Status:
+    """A job's status from its chunks' stored results and whether its record exists."""
+    if any(v is None for v in stored):
+        return Status.PENDING if recorded else Status.UNKNOWN
+    for value in stored:
+        if value is not None and value[:1] == b"E":
+            decoded = decode_result(value)
+            assert isinstance(decoded, RemoteError)
+            return Status.EXPIRED if decoded.type == "JobExpired" else Status.FAILED
+    return Status.DONE
 
 
 class _Waiter:
@@ -106,21 +142,7 @@ class Job:
             JobExpired: the deadline passed before it ran.
             JobTimeout: not finished within ``timeout_s``.
         """
-        parts = self._client._collect(self, timeout_s)
-        tables = []
-        for chunk in range(self.chunks):
-            decoded = decode_result(parts[chunk])
-            if isinstance(decoded, RemoteError):
-                if decoded.type == "JobExpired":
-                    raise JobExpired(self.id, decoded.message)
-                raise JobFailed(self.id if self.chunks == 1 else f"{self.id} chunk {chunk}", decoded)
-            tables.append(decoded)
-        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-        devices = {(t.schema.metadata or {}).get(DEVICE_KEY) for t in tables} - {None}
-        if len(devices) > 1:  # concat keeps the first chunk's metadata: say every device that ran it
-            meta = {**(table.schema.metadata or {}), DEVICE_KEY: b",".join(sorted(d for d in devices if d))}
-            table = table.replace_schema_metadata(meta)
-        return unwrap_tensors(table)
+        return assemble(self.id, self.chunks, self._client._collect(self, timeout_s))
 
     def status(self) -> Status:
         """Where the job stands, read from Redis (no waiting)."""
@@ -128,6 +150,12 @@ class Job:
 
     def done(self) -> bool:
         return self.status() in (Status.DONE, Status.FAILED, Status.EXPIRED)
+
+    def delete(self) -> int:
+        """Drop the job's record, inputs and results from Redis now; returns keys deleted."""
+        with self._client._lock:
+            self._client._waiters.pop(self.id, None)
+        return delete_job(self._client.redis, self._client.keys, self.id, self.chunks)
 
 
 class Client:
@@ -137,7 +165,15 @@ class Client:
     thread that drains the client's reply list: no per-job subscription.
     """
 
-    def __init__(self, settings: ClientSettings | None = None) -> None:
+    def __init__(self, settings: ClientSettings | None = None, *, listen: bool = True) -> None:
+        """Open the Redis pool and the publishing app (no connection is made yet).
+
+        Args:
+            settings: connection and job shaping (default: from ``HETBATCH_*`` variables).
+            listen: drain the reply list in a thread; without it results are read from
+                their keys (``AsyncClient`` listens with its own coroutine).
+        """
+        self._listen_replies = listen
         self.settings = settings or ClientSettings.from_env()
         self.keys = Keys(self.settings.prefix)
         self.redis = redis.Redis.from_url(self.settings.redis_url)
@@ -333,23 +369,43 @@ class Client:
         *,
         max_in_flight: int = 4,
         timeout_s: float | None = 300.0,
+        keep_results: bool = False,
         **options: Any,
     ) -> Iterator[tuple[Any, pa.Table]]:
         """Stream ``(batch, outputs)`` pairs in input order, with at most ``max_in_flight``
-        jobs submitted and unread: memory stays bounded whatever the input's size.
+        jobs submitted and unread: memory stays bounded whatever the input's size. Each
+        result is deleted from Redis once read (unless ``keep_results``), so Redis
+        holds no more than the window either.
 
         Raises:
             the errors of ``submit`` and ``Job.result``, at the batch they concern.
         """
         window: deque[tuple[Any, Job]] = deque()
+
+        def take() -> tuple[Any, pa.Table]:
+            done, job = window.popleft()
+            table = job.result(timeout_s=timeout_s)
+            if not keep_results:
+                job.delete()
+            return done, table
+
         for batch in batches:
             if len(window) >= max_in_flight:
-                done, job = window.popleft()
-                yield done, job.result(timeout_s=timeout_s)
+                yield take()
             window.append((batch, self.submit(model, batch, **options)))
         while window:
-            done, job = window.popleft()
-            yield done, job.result(timeout_s=timeout_s)
+            yield take()
+
+    def purge(self, model: str) -> PurgeReport:
+        """Drop queued tasks of ``model`` (all versions) and the inputs, results and
+        records of its jobs still in Redis. Tasks a worker already holds finish.
+
+        Raises:
+            ModelNotFound: unknown name.
+        """
+        name, _ = parse_ref(model)
+        spec = self.registry.get(name)
+        return purge_model(self.redis, self.keys, name, spec.queue)
 
     def job(self, job_id: str) -> Job:
         """Re-attach to a job submitted earlier (by this or another process).
@@ -479,6 +535,8 @@ class Client:
             self._waiters.pop(job_id, None)
 
     def _track(self, job_id: str, ref: str, chunks: int, rows: int) -> Job:
+        if not self._listen_replies:  # results are read from their keys
+            return Job(self, job_id, ref, chunks, rows)
         with self._lock:
             self._waiters[job_id] = _Waiter(chunks)
             if self._listener is None:
@@ -539,13 +597,5 @@ class Client:
 
     def _status(self, job: Job) -> Status:
         stored = cast(list[bytes | None], self.redis.mget([self.keys.result(job.id, c) for c in range(job.chunks)]))
-        if any(v is None for v in stored):
-            exists = self.redis.exists(self.keys.job(job.id))
-            return Status.PENDING if exists else Status.UNKNOWN
-        for value in stored:
-            assert value is not None
-            if value[:1] == b"E":
-                decoded = decode_result(value)
-                assert isinstance(decoded, RemoteError)
-                return Status.EXPIRED if decoded.type == "JobExpired" else Status.FAILED
-        return Status.DONE
+        recorded = all(v is not None for v in stored) or bool(self.redis.exists(self.keys.job(job.id)))
+        return status_of(stored, recorded)

@@ -11,6 +11,8 @@ from typing import Any
 
 from worker.adapt import add_parser as add_adapt_parsers
 from worker.evaluation import add_parser as add_ensembles_parser
+from worker.flower import add_parser as add_flower_parser
+from worker.status import add_parser as add_status_parser
 
 __all__ = ["main"]
 
@@ -103,7 +105,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 def _batches(path: str, rows: int) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
-    yield from pq.ParquetFile(path).iter_batches(batch_size=rows)
+    # pre_buffer=False: with pre-buffering, iter_batches keeps every column chunk it has
+    # read until the file is closed, so the client grew with the file (bench/etl_memory.py).
+    yield from pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=rows)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -140,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
-    return run_demo(rows=args.rows, redis_url=args.redis_url)
+    return run_demo(rows=args.rows, redis_url=args.redis_url, start_worker=not args.no_worker)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,9 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="build example models, start a worker, score a Parquet file")
     p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--no-worker", action="store_true", help="use the workers already on this Redis (docker compose)")
     p.set_defaults(func=cmd_demo)
     add_adapt_parsers(sub)
     add_ensembles_parser(sub)
+    add_flower_parser(sub)
+    add_status_parser(sub)
     for subparser in sub.choices.values():
         # Accept the option after the subcommand too, without overriding it with None.
         subparser.add_argument("--redis-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -101,8 +101,11 @@ def _start_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def run_demo(rows: int = 200_000, redis_url: str | None = None, workdir: str = ".demo") -> int:
-    """Run the demo; returns the process exit code."""
+def run_demo(
+    rows: int = 200_000, redis_url: str | None = None, workdir: str = ".demo", start_worker: bool = True
+) -> int:
+    """Run the demo; returns the process exit code. Without ``start_worker`` the workers
+    already consuming this Redis do the work (they must see ``workdir`` at the same path)."""
     import onnxruntime as ort
     import pyarrow.parquet as pq
 
@@ -126,10 +129,11 @@ def run_demo(rows: int = 200_000, redis_url: str | None = None, workdir: str = "
             refs = [client.registry.register(build_spec(root / d)).ref for d in ("forest", "forest-onnx")]
         print(f"registered {', '.join(refs)}")
         X = _write_parquet(root / "input.parquet", features, rows)
-        worker = _start_worker(url, root / "worker.log")
+        if start_worker:
+            worker = _start_worker(url, root / "worker.log")
         with Client.from_url(url) as client:  # load the model on the worker, as in-process loads it first too
             client.predict("demo-forest-onnx", {"X": X[:8]}, timeout_s=120)
-        print(f"worker up (log: {root / 'worker.log'}); scoring {rows:,} rows through queue onnx.cpu")
+        print(f"workers up (log: {root / 'worker.log'}); scoring {rows:,} rows through queue onnx.cpu")
         started = time.perf_counter()
         args = [
             "--redis-url",

@@ -21,7 +21,9 @@ from producers.errors import HetbatchError, JobExpired, JobLost, PayloadError, R
 from producers.registry import ModelSpec, Registry
 from producers.schema import arrays_to_table, table_to_arrays
 from producers.wire import DEVICE_KEY, Item, Keys, TaskEnvelope, decode_table, encode_error, encode_result
+from worker import status as _status  # noqa: F401  (connects the heartbeat to worker start)
 from worker.batching import Arrivals, BatchStats
+from worker.metrics import WorkerMetrics
 from worker.models import ModelCache
 from worker.results import Outcome, ResultWriter
 from worker.settings import WorkerSettings
@@ -62,6 +64,7 @@ class Runtime:
         # Called once every item of a task has a stored result (new or found from an
         # earlier delivery), e.g. to hand an ensemble member's result on to fusion.
         self.after_store: list[Callable[[TaskEnvelope], None]] = []
+        self.metrics = WorkerMetrics(settings, self.redis, self.models.loaded).start()
 
     def handle(self, body: Any) -> dict[str, Any]:
         """Run one task body; returns a small summary (what Flower shows as the result)."""
@@ -78,6 +81,7 @@ class Runtime:
         outcomes = self._run(env, todo)
         self.writer.write(outcomes, env.reply_to)
         self._after_store(env)
+        self.metrics.observe_outcomes(f"{env.model}@{env.version}", env.items, outcomes)
         if env.payload_key is not None and env.then is None:  # an ensemble's input is shared: fusion drops it
             self.redis.delete(env.payload_key)
         failed = sum(1 for o in outcomes if o.result[:1] == b"E")
@@ -140,7 +144,13 @@ class Runtime:
             table = self._select(outputs, spec)
             # Which device ran it: a gpu model with fallback = "cpu" may have run on a cpu worker.
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), DEVICE_KEY: device.encode()})
-            return Outcome(item.job_id, item.chunk, encode_result(table))
+            data = encode_result(table)
+            if len(data) > self.settings.max_result_bytes:
+                raise PayloadError(
+                    f"result of {len(data)} bytes is over max_result_bytes={self.settings.max_result_bytes}; "
+                    "submit smaller chunks (chunk_rows)"
+                )
+            return Outcome(item.job_id, item.chunk, data)
         except FutureTimeout:
             return _error(item, TimeoutError(f"no model result within {self.settings.task_timeout_s} s"))
         except Exception as exc:
@@ -164,6 +174,7 @@ class Runtime:
         return table
 
     def _record_batch(self, spec: ModelSpec, stats: BatchStats) -> None:
+        self.metrics.observe_batch(spec.ref, stats)
         key = f"{self.keys.prefix}:stats:{spec.ref}"
         pipe = self.redis.pipeline(transaction=False)
         pipe.hincrby(key, "batches", 1)
@@ -174,5 +185,6 @@ class Runtime:
         pipe.execute()
 
     def close(self) -> None:
+        self.metrics.stop()
         self.models.close()
         self.redis.close()

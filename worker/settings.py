@@ -47,6 +47,18 @@ class WorkerSettings:
     """Prometheus endpoint port (0: off)."""
     heartbeat_ttl_s: float = 15.0
     """A worker's liveness key per queue lives this long after its last refresh."""
+    metrics_address: str = "0.0.0.0"
+    """Interface the Prometheus endpoint listens on."""
+    heartbeat_interval_s: float = 5.0
+    """How often the worker writes its status (pool, queues, loaded models) to Redis."""
+    max_result_bytes: int = 256 * 1024 * 1024
+    """Largest stored result of one chunk (a Redis string holds 512 MB at most)."""
+    flower_user: str = ""
+    """Flower basic-auth user (``hetbatch flower`` refuses to start without one)."""
+    flower_password: str = ""
+    """Flower basic-auth password."""
+    flower_port: int = 5555
+    """Port Flower listens on."""
 
     def __post_init__(self) -> None:
         if self.pool not in ("cpu", "gpu"):

@@ -1,0 +1,114 @@
+"""Dropping what a job left in Redis, and queued work of a model, before its TTL does.
+
+Inputs live ``ClientSettings.input_ttl_s`` (the worker deletes each as soon as its task
+ran), results and job records ``result_ttl_s``. ``delete_job`` and ``purge_model`` free
+them early. Queues are kombu's Redis lists: one list per priority step, ``<queue>`` for
+priority 0 and ``<queue>:<n>`` for the others (``producers.publish``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+
+from producers.publish import PRIORITY_STEPS, priority_list
+from producers.wire import Keys
+
+__all__ = ["PurgeReport", "delete_job", "purge_model", "queue_keys"]
+
+_PAGE = 1000
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists that hold ``queue``'s waiting messages, highest priority first."""
+    return [priority_list(queue, step) for step in PRIORITY_STEPS]
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    """What ``purge_model`` removed."""
+
+    messages: int
+    jobs: int
+    keys: int
+
+
+def delete_job(client: redis.Redis, keys: Keys, job_id: str, chunks: int) -> int:
+    """Delete a job's record, inputs and results; returns how many keys existed.
+
+    A chunk still queued runs anyway: its input is gone, so it stores a JobLost
+    error that expires with the result TTL. Use ``purge_model`` to drop queued work.
+    """
+    names = [keys.job(job_id)]
+    for chunk in range(chunks):
+        names += [keys.input(job_id, chunk), keys.result(job_id, chunk)]
+    return int(client.delete(*names))
+
+
+def _envelope(raw: bytes) -> dict[str, Any] | None:
+    """The task envelope inside a kombu message, or None when it is not ours."""
+    try:
+        message = json.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        env = args[0]
+        return env if isinstance(env, dict) and "model" in env else None
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _scan_list(client: redis.Redis, key: str) -> Iterator[bytes]:
+    # Paged, so a long queue is never held at once; workers pop from the other end,
+    # so pages only shift towards entries already seen (duplicates, never gaps).
+    start = 0
+    while True:
+        page = cast(list[bytes], client.lrange(key, start, start + _PAGE - 1))
+        yield from page
+        if len(page) < _PAGE:
+            return
+        start += _PAGE
+
+
+def purge_model(client: redis.Redis, keys: Keys, name: str, queue: str) -> PurgeReport:
+    """Drop the queued tasks of model ``name`` (any version) from ``queue``, then the
+    inputs, results and records of every job of that model still in Redis.
+
+    Tasks already reserved by a worker are not touched; they finish normally.
+    """
+    removed_messages = 0
+    job_ids: set[str] = set()
+    doomed: set[str] = set()
+    for key in queue_keys(queue):
+        matches = []
+        for raw in _scan_list(client, key):
+            env = _envelope(raw)
+            if env is not None and env.get("model") == name:
+                matches.append(raw)
+                job_ids.update(str(item[0]) for item in env.get("items", []))
+                if env.get("payload_key"):
+                    doomed.add(str(env["payload_key"]))
+        for raw in dict.fromkeys(matches):
+            removed_messages += int(client.lrem(key, 1, raw))  # type: ignore[arg-type]  # bytes are fine
+    prefix = f"{name}@"
+    for record in client.scan_iter(match=keys.job("*"), count=_PAGE):
+        meta = cast(list[bytes | None], client.hmget(record, ["model", "chunks"]))
+        if meta[0] is not None and meta[0].decode().startswith(prefix):
+            job_id = (record.decode() if isinstance(record, bytes) else str(record)).rsplit(":", 1)[1]
+            job_ids.add(job_id)
+            chunks = int(meta[1] or 1)
+            doomed.update(keys.result(job_id, c) for c in range(chunks))
+            doomed.update(keys.input(job_id, c) for c in range(chunks))
+    for job_id in job_ids:
+        doomed.update((keys.job(job_id), keys.result(job_id, 0), keys.input(job_id, 0)))
+    deleted = 0
+    names = sorted(doomed)
+    for start in range(0, len(names), _PAGE):
+        deleted += int(client.delete(*names[start : start + _PAGE]))
+    return PurgeReport(messages=removed_messages, jobs=len(job_ids), keys=deleted)
