@@ -98,11 +98,12 @@ def purge_model(client: redis.Redis, keys: Keys, name: str, queue: str) -> Purge
             removed_messages += int(client.lrem(key, 1, raw))  # type: ignore[arg-type]  # bytes are fine
     prefix = f"{name}@"
     for record in client.scan_iter(match=keys.job("*"), count=_PAGE):
-        meta = cast(list[bytes | None], client.hmget(record, ["model", "chunks"]))
-        if meta[0] is not None and meta[0].decode().startswith(prefix):
+        raw_meta = cast(bytes | None, client.get(record))
+        meta = json.loads(raw_meta) if raw_meta else {}
+        if str(meta.get("model", "")).startswith(prefix):
             job_id = (record.decode() if isinstance(record, bytes) else str(record)).rsplit(":", 1)[1]
             job_ids.add(job_id)
-            chunks = int(meta[1] or 1)
+            chunks = int(meta.get("chunks") or 1)
             doomed.update(keys.result(job_id, c) for c in range(chunks))
             doomed.update(keys.input(job_id, c) for c in range(chunks))
     for job_id in job_ids:
