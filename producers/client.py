@@ -18,11 +18,13 @@ from producers.errors import (
     BrokerError,
     JobExpired,
     JobFailed,
+    JobLost,
     JobTimeout,
     PayloadTooLarge,
     RemoteError,
     SchemaMismatch,
 )
+from producers.ledger import Attempt, Ledger, task_id_of
 from producers.registry import ModelSpec, Registry, Spec
 from producers.schema import CastRule, to_table, unwrap_tensors
 from producers.settings import ClientSettings
@@ -109,7 +111,11 @@ class Job:
         return self._client._status(self)
 
     def done(self) -> bool:
-        return self.status() in (Status.DONE, Status.FAILED, Status.EXPIRED)
+        return self.status() in (Status.DONE, Status.FAILED, Status.EXPIRED, Status.LOST)
+
+    def attempts(self) -> list[Attempt]:
+        """Every start of this job's chunks by a worker (worker, time, attempt number), oldest first."""
+        return self._client.ledger.attempts(self.id)
 
 
 class Client:
@@ -124,6 +130,7 @@ class Client:
         self.keys = Keys(self.settings.prefix)
         self.redis = redis.Redis.from_url(self.settings.redis_url)
         self.registry = Registry(self.redis, self.keys)
+        self.ledger = Ledger(self.redis, self.keys)
         self.id = uuid.uuid4().hex
         self._reply_key = self.keys.reply(self.id)
         self._app = make_producer_app(self.settings.redis_url)
@@ -159,12 +166,16 @@ class Client:
 
         Raises:
             ModelNotFound: unknown name or version.
+            BrokerError: Redis cannot be reached.
         """
         now = time.monotonic()
         hit = self._specs.get(model)
         if hit is not None and (now - hit[0] < self.settings.registry_ttl_s or "@" in model):
             return hit[1]
-        spec = self.registry.get(model)
+        try:
+            spec = self.registry.get(model)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise BrokerError(f"Redis at {self._safe_url()} unreachable: {exc}; is it running?") from exc
         self._specs[model] = (now, spec)
         return spec
 
@@ -333,9 +344,13 @@ class Client:
             model=spec.name, version=spec.version, items=tuple(items), reply_to=self._reply_key, deadline=deadline
         )
         if len(blob) <= self.settings.inline_max_bytes:
-            return TaskEnvelope(payload_b64=base64.b64encode(blob).decode(), **common)
-        pipe.set(key, blob, ex=self.settings.input_ttl_s)
-        return TaskEnvelope(payload_key=key, **common)
+            env = TaskEnvelope(payload_b64=base64.b64encode(blob).decode(), **common)
+        else:
+            pipe.set(key, blob, ex=self.settings.input_ttl_s)
+            env = TaskEnvelope(payload_key=key, **common)
+        # In the same pipeline, before publishing: a lost message can be published again.
+        self.ledger.record(pipe, env, spec.queue, self.settings.input_ttl_s)
+        return env
 
     def _record_job(self, pipe: Any, job_id: str, spec: ModelSpec, chunks: int, rows: int) -> None:
         key = self.keys.job(job_id)
@@ -365,11 +380,13 @@ class Client:
                         queue=spec.queue,
                         priority=level,
                         producer=producer,
+                        task_id=task_id_of(env),
                         argsrepr=env.describe(),
                         retry=True,
                         retry_policy={"max_retries": self.settings.publish_retries},
                     )
         except Exception as exc:  # kombu raises many kinds; all mean the same here
+            self.ledger.forget(envelopes)  # not accepted: the reconciler must not publish them later
             raise BrokerError(f"could not publish to queue {spec.queue!r} at {self._safe_url()}: {exc}") from exc
 
     def _safe_url(self) -> str:
@@ -418,13 +435,20 @@ class Client:
                 with self._lock:
                     payloads = dict(waiter.payloads)
             missing = [c for c in range(job.chunks) if payloads.get(c) is None]
-            if missing:
-                stored = cast(list[bytes | None], self.redis.mget([self.keys.result(job.id, c) for c in missing]))
-                payloads.update({c: v for c, v in zip(missing, stored) if v is not None})
-            if all(payloads.get(c) is not None for c in range(job.chunks)):
-                with self._lock:
-                    self._waiters.pop(job.id, None)
-                return {c: v for c, v in payloads.items() if v is not None}
+            try:
+                if missing:
+                    stored = cast(list[bytes | None], self.redis.mget([self.keys.result(job.id, c) for c in missing]))
+                    payloads.update({c: v for c, v in zip(missing, stored) if v is not None})
+                if all(payloads.get(c) is not None for c in range(job.chunks)):
+                    with self._lock:
+                        self._waiters.pop(job.id, None)
+                    return {c: v for c, v in payloads.items() if v is not None}
+                if missing and not self.redis.exists(self.keys.job(job.id)):
+                    # The job's record went with Redis (restart without persistence): no worker
+                    # will ever answer, so say so instead of waiting.
+                    raise JobLost(job.id, "its record vanished from Redis (restarted without persistence?)")
+            except (redis.ConnectionError, redis.TimeoutError):
+                time.sleep(0.2)  # Redis restarting: keep waiting within timeout_s
             if deadline is not None and time.monotonic() >= deadline:
                 done = sum(1 for c in range(job.chunks) if payloads.get(c) is not None)
                 raise JobTimeout(
@@ -439,7 +463,7 @@ class Client:
         stored = cast(list[bytes | None], self.redis.mget([self.keys.result(job.id, c) for c in range(job.chunks)]))
         if any(v is None for v in stored):
             exists = self.redis.exists(self.keys.job(job.id))
-            return Status.PENDING if exists else Status.UNKNOWN
+            return Status.PENDING if exists else Status.LOST
         for value in stored:
             assert value is not None
             if value[:1] == b"E":

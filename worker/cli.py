@@ -10,6 +10,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from worker import dlq, reconciler
+
 __all__ = ["main"]
 
 
@@ -191,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build example models, start a worker, score a Parquet file")
     p.add_argument("--rows", type=int, default=200_000)
     p.set_defaults(func=cmd_demo)
+    dlq.add_parser(sub)
+    reconciler.add_parser(sub)
     for subparser in sub.choices.values():
         # Accept the option after the subcommand too, without overriding it with None.
         subparser.add_argument("--redis-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
