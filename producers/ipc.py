@@ -140,7 +140,10 @@ def read_stream(data: bytes | memoryview, *, max_rows: int | None = None) -> pa.
     """
     try:
         reader = pa.ipc.MessageReader.open_stream(pa.py_buffer(data))
-        first = reader.read_next_message()
+        try:
+            first = reader.read_next_message()
+        except StopIteration:
+            raise PayloadError("payload is empty: no Arrow schema message") from None
         if first.type != "schema":
             raise PayloadError(f"payload starts with a {first.type} message, not a schema")
         schema = pa.ipc.read_schema(first)

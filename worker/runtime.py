@@ -81,8 +81,17 @@ class Runtime:
         start = self._begin(env, claim=False)
         if start.verdict == "suspect":
             with self._isolation:
+                # Load the model before claiming: a worker killed during a slow load did
+                # not die of this job, so that must not count towards its attempt cap.
+                self._warm(env)
                 return self._handle(env, self._begin(env, claim=True))
         return self._handle(env, start)
+
+    def _warm(self, env: TaskEnvelope) -> None:
+        try:
+            self.models.get(self.models.spec(f"{env.model}@{env.version}"))
+        except Exception:  # the same error is met, and stored for the job, in _run
+            return
 
     def _begin(self, env: TaskEnvelope, claim: bool) -> Start:
         return self.ledger.begin(
