@@ -438,7 +438,7 @@ class Client:
             try:
                 if missing:
                     stored = cast(list[bytes | None], self.redis.mget([self.keys.result(job.id, c) for c in missing]))
-                    payloads.update({c: v for c, v in zip(missing, stored) if v is not None})
+                    payloads.update({c: v for c, v in zip(missing, stored, strict=True) if v is not None})
                 if all(payloads.get(c) is not None for c in range(job.chunks)):
                     with self._lock:
                         self._waiters.pop(job.id, None)

@@ -179,9 +179,7 @@ class Ledger:
 
     # -- worker side -----------------------------------------------------------
 
-    def begin(
-        self, env: TaskEnvelope, *, worker: str, ttl_s: int, max_attempts: int, claim: bool = False
-    ) -> Start:
+    def begin(self, env: TaskEnvelope, *, worker: str, ttl_s: int, max_attempts: int, claim: bool = False) -> Start:
         """Check which items are done and, unless told otherwise, record an attempt: one round trip.
 
         A task attempted before is only claimed with ``claim=True`` (the caller runs it in

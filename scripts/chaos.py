@@ -125,7 +125,9 @@ def run_chaos(
                     victim.kill()
                     victim.stop()
                     report.worker_kills += 1
-                    victim = WorkerProcess(redis_proc.url, work_dir, "--name", f"victim{report.worker_kills}@%h", env=env)
+                    victim = WorkerProcess(
+                        redis_proc.url, work_dir, "--name", f"victim{report.worker_kills}@%h", env=env
+                    )
                     next_kill = time.monotonic() + kill_every_s
                 time.sleep(0.1)
 

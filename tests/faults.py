@@ -64,8 +64,20 @@ def _prefork(argv: list[str]) -> int:
     settings = WorkerSettings.from_env()
     app = make_app(settings)
     app.worker_main(
-        ["worker", "-P", "prefork", "-c", "1", "-Q", ",".join(settings.queue_names), "--without-mingle",
-         "--without-gossip", "-n", f"prefork-{os.getpid()}@%h", *argv]
+        [
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            "1",
+            "-Q",
+            ",".join(settings.queue_names),
+            "--without-mingle",
+            "--without-gossip",
+            "-n",
+            f"prefork-{os.getpid()}@%h",
+            *argv,
+        ]
     )
     return 0
 

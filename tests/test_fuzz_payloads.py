@@ -45,8 +45,8 @@ ERROR_TYPES = {"PayloadError", "PayloadTooLarge", "SchemaMismatch", "JobLost"}
 _IRIS = np.random.default_rng(1).normal(5.0, 1.5, (64, 4))
 
 
-def _table(x: np.ndarray, name: str = "X", value_type: pa.DataType = pa.float64()) -> pa.Table:
-    flat = pa.array(x.reshape(-1), type=value_type)
+def _table(x: np.ndarray, name: str = "X", value_type: pa.DataType | None = None) -> pa.Table:
+    flat = pa.array(x.reshape(-1), type=value_type or pa.float64())
     return pa.table({name: pa.FixedSizeListArray.from_arrays(flat, x.shape[1])})
 
 
@@ -355,6 +355,8 @@ def test_oversize_payloads_are_refused_by_the_producer(
     fuzz_env: tuple[RedisServer, WorkerProcess, Built, Client],
 ) -> None:
     server, _worker, built, _client = fuzz_env
-    with Client(ClientSettings.from_env(redis_url=server.url, max_payload_bytes=1024)) as small:
-        with pytest.raises(PayloadTooLarge, match="max_payload_bytes=1024"):
-            small.submit("fuzz-iris", np.tile(built.X, (2, 1)))
+    with (
+        Client(ClientSettings.from_env(redis_url=server.url, max_payload_bytes=1024)) as small,
+        pytest.raises(PayloadTooLarge, match="max_payload_bytes=1024"),
+    ):
+        small.submit("fuzz-iris", np.tile(built.X, (2, 1)))

@@ -40,13 +40,14 @@ USER, USER_PASSWORD = "hetbatch", "hb-s3cret"
 # Every command producers, workers (Celery/kombu included), the reconciler and the
 # dead-letter list send; found with INFO commandstats over the whole test flow.
 ACL_COMMANDS = (
-    "auth hello ping select echo quit reset client|setname client|id "
-    "get set del exists expire pexpire mget incr incrby time "
-    "hget hset hsetnx hdel hgetall hkeys hvals hmget hincrby hincrbyfloat "
-    "lpush rpush lpop blpop brpop llen lrange lrem sadd srem smembers "
-    "zadd zrem zrange zrangebyscore multi exec discard watch unwatch "
-    "eval evalsha script|load script|exists publish subscribe psubscribe unsubscribe punsubscribe"
-).split()
+    "auth", "hello", "ping", "select", "echo", "quit", "reset", "client|setname", "client|id", "time",
+    "get", "set", "del", "exists", "expire", "pexpire", "mget", "incr", "incrby",
+    "hget", "hset", "hsetnx", "hdel", "hgetall", "hkeys", "hvals", "hmget", "hincrby", "hincrbyfloat",
+    "lpush", "rpush", "lpop", "blpop", "brpop", "llen", "lrange", "lrem", "sadd", "srem", "smembers",
+    "zadd", "zrem", "zrange", "zrangebyscore", "multi", "exec", "discard", "watch", "unwatch",
+    "eval", "evalsha", "script|load", "script|exists",
+    "publish", "subscribe", "psubscribe", "unsubscribe", "punsubscribe",
+)  # fmt: skip
 FAST = {"HETBATCH_VISIBILITY_TIMEOUT_S": "8", "HETBATCH_LEASE_INTERVAL_S": "1", "HETBATCH_RECONCILE_INTERVAL_S": "1"}
 
 
@@ -282,7 +283,7 @@ def tls_redis() -> Iterator[tuple[str, Path]]:
 
 
 def test_tls_from_a_rediss_url(tls_redis: tuple[str, Path], tmp_path: Path) -> None:
-    url, directory = tls_redis
+    url, _directory = tls_redis
     plain = url.replace("rediss://", "redis://").split("?")[0]
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(plain, socket_timeout=2).ping()

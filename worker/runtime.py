@@ -194,7 +194,11 @@ class Runtime:
         pipe.hincrby(key, "requests", stats.requests)
         pipe.hincrbyfloat(key, "compute_s", stats.compute_s)
         pipe.hincrbyfloat(key, "queue_wait_s", stats.queue_wait_s)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            # Runs on the batcher thread: a Redis restart must cost a statistic, not the batcher.
+            log.info("batch stats for %s not recorded: %s", spec.ref, exc)
 
     def close(self) -> None:
         self.models.close()

@@ -29,20 +29,6 @@ class WorkerSettings:
     """Messages reserved per thread; concurrency x this many are held unacked."""
     visibility_timeout_s: int = 60
     """Unacked messages of a dead worker are redelivered after this long (live workers renew theirs)."""
-    restore_interval_s: int = 5
-    """How often each worker asks kombu to give back messages past their visibility timeout."""
-    lease_interval_s: float = 5.0
-    """How often a worker renews the leases on the messages it holds (well below the timeout)."""
-    max_hold_s: float = 3600.0
-    """Longest a worker renews the lease of one message (a forgotten request comes back after it)."""
-    max_attempts: int = 3
-    """Starts of a task before it is dead-lettered as a poison job."""
-    reconcile: bool = True
-    """Run the leader-elected reconciler in this worker (re-publishes lost tasks)."""
-    reconcile_interval_s: float = 10.0
-    """Seconds between the reconciler's sweeps."""
-    overdue_s: float = 30.0
-    """Age of a published task after which the reconciler checks that a queue still holds it."""
     max_batch_rows: int = 8192
     """Rows per model call when the model's entry sets none."""
     max_delay_ms: float = 2.0
@@ -59,6 +45,20 @@ class WorkerSettings:
     """Longest a task waits for its batch before failing its items."""
     metrics_port: int = 0
     """Prometheus endpoint port (0: off)."""
+    restore_interval_s: int = 5
+    """How often each worker asks kombu to give back messages past their visibility timeout."""
+    lease_interval_s: float = 5.0
+    """How often a worker renews the leases on the messages it holds (well below the timeout)."""
+    max_hold_s: float = 3600.0
+    """Longest a worker renews the lease of one message (a forgotten request comes back after it)."""
+    max_attempts: int = 3
+    """Starts of a task before it is dead-lettered as a poison job."""
+    reconcile: bool = True
+    """Run the leader-elected reconciler in this worker (re-publishes lost tasks)."""
+    reconcile_interval_s: float = 10.0
+    """Seconds between the reconciler's sweeps."""
+    overdue_s: float = 30.0
+    """Age of a published task after which the reconciler checks that a queue still holds it."""
 
     def __post_init__(self) -> None:
         if self.pool not in ("cpu", "gpu"):
