@@ -24,6 +24,8 @@ import redis
 
 from producers import BrokerError, Client, ClientSettings, JobFailed, JobLost, Status
 from producers.ledger import LedgerKeys, task_id_of
+from producers.registry import ModelSpec
+from producers.schema import TensorSpec
 from producers.wire import TaskEnvelope
 from tests.faults import FaultyWorker
 from tests.helpers import ROOT, WorkerProcess, column, register
@@ -277,3 +279,18 @@ def test_chaos_small_worker_kills_and_a_redis_restart_lose_no_job(tmp_path: Path
 def test_task_id_is_the_first_items_job_and_chunk() -> None:
     env = TaskEnvelope.from_dict({"v": 1, "model": "m", "version": "1", "items": [["abc", 2, 5]], "payload_b64": ""})
     assert task_id_of(env) == "abc.2"
+
+
+def test_batch_stats_survive_a_redis_outage() -> None:
+    """Stats are written on the batcher thread: an outage must not kill it (found by chaos)."""
+    from worker.batching import BatchStats
+    from worker.runtime import Runtime
+    from worker.settings import WorkerSettings
+
+    server = RedisServer()
+    runtime = Runtime(WorkerSettings(redis_url=server.url))
+    server.kill()
+    server.stop()
+    spec = ModelSpec("m", "sklearn", "/x", "0", (TensorSpec("X", "float64", (4,)),), ("label",), version="1")
+    runtime._record_batch(spec, BatchStats(rows=4, requests=1, queue_wait_s=0.0, compute_s=0.0))
+    runtime.close()
