@@ -21,11 +21,13 @@ from producers.errors import (
     BrokerError,
     JobExpired,
     JobFailed,
+    JobLost,
     JobTimeout,
     PayloadTooLarge,
     RemoteError,
     SchemaMismatch,
 )
+from producers.ledger import Attempt, Ledger, task_id_of
 from producers.publish import TRANSPORT_OPTIONS, celery_message, priority_list
 from producers.registry import ModelSpec, Registry, Spec, parse_ref
 from producers.retention import PurgeReport, delete_job, purge_model
@@ -96,7 +98,7 @@ def assemble(job_id: str, chunks: int, parts: dict[int, bytes]) -> pa.Table:
 def status_of(stored: Sequence[bytes | None], recorded: bool) -> Status:
     """A job's status from its chunks' stored results and whether its record exists."""
     if any(v is None for v in stored):
-        return Status.PENDING if recorded else Status.UNKNOWN
+        return Status.PENDING if recorded else Status.LOST
     for value in stored:
         if value is not None and value[:1] == b"E":
             decoded = decode_result(value)
@@ -149,7 +151,11 @@ class Job:
         return self._client._status(self)
 
     def done(self) -> bool:
-        return self.status() in (Status.DONE, Status.FAILED, Status.EXPIRED)
+        return self.status() in (Status.DONE, Status.FAILED, Status.EXPIRED, Status.LOST)
+
+    def attempts(self) -> list[Attempt]:
+        """Every start of this job's chunks by a worker (worker, time, attempt number), oldest first."""
+        return self._client.ledger.attempts(self.id)
 
     def delete(self) -> int:
         """Drop the job's record, inputs and results from Redis now; returns keys deleted."""
@@ -178,6 +184,7 @@ class Client:
         self.keys = Keys(self.settings.prefix)
         self.redis = redis.Redis.from_url(self.settings.redis_url)
         self.registry = Registry(self.redis, self.keys)
+        self.ledger = Ledger(self.redis, self.keys)
         self.id = uuid.uuid4().hex
         self._reply_key = self.keys.reply(self.id)
         self._celery: Celery | None = None
@@ -221,12 +228,16 @@ class Client:
 
         Raises:
             ModelNotFound: unknown name or version.
+            BrokerError: Redis cannot be reached.
         """
         now = time.monotonic()
         hit = self._specs.get(model)
         if hit is not None and (now - hit[0] < self.settings.registry_ttl_s or "@" in model):
             return hit[1]
-        spec = self.registry.get(model)
+        try:
+            spec = self.registry.get(model)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise BrokerError(f"Redis at {self._safe_url()} unreachable: {exc}; is it running?") from exc
         self._specs[model] = (now, spec)
         return spec
 
@@ -267,6 +278,7 @@ class Client:
         job = self._track(uuid.uuid4().hex, spec.ref, len(starts), table.num_rows)
         deadline = time.time() + deadline_s if deadline_s is not None else None
         pipe = self.redis.pipeline(transaction=False)
+        outbox: list[TaskEnvelope] = []
         self._record_job(pipe, job)
         buffered = 0
         try:
@@ -276,12 +288,12 @@ class Client:
                 env = self._envelope(
                     spec, [Item(job.id, chunk, part.num_rows)], blob, self.keys.input(job.id, chunk), pipe, deadline
                 )
-                self._enqueue(pipe, queue, env, level)
+                self._enqueue(pipe, queue, env, level, outbox)
                 buffered += len(blob)
                 if buffered >= _FLUSH_BYTES:  # let workers start on early chunks of a big job
-                    self._execute(pipe)
+                    self._execute(pipe, outbox)
                     buffered = 0
-            self._execute(pipe)
+            self._execute(pipe, outbox)
         except Exception:
             self._untrack(job.id)
             raise
@@ -319,6 +331,7 @@ class Client:
         items: list[Item] = []
         pack_rows_now = 0
         pipe = self.redis.pipeline(transaction=False)
+        outbox: list[TaskEnvelope] = []
 
         def flush() -> None:
             nonlocal pack_rows_now
@@ -328,7 +341,7 @@ class Client:
             merged = {n: np.concatenate([p[n] for p in pack]) if len(pack) > 1 else pack[0][n] for n in names}
             blob = encode_table(arrays_to_table(merged))
             env = self._envelope(spec, items, blob, self.keys.pack(uuid.uuid4().hex), pipe, deadline)
-            self._enqueue(pipe, queue, env, level)
+            self._enqueue(pipe, queue, env, level, outbox)
             pack.clear()
             items.clear()
             pack_rows_now = 0
@@ -351,7 +364,7 @@ class Client:
                 items.append(Item(job.id, 0, rows))
                 pack_rows_now += rows
             flush()
-            self._execute(pipe)
+            self._execute(pipe, outbox)
         except Exception:
             for job in jobs:
                 self._untrack(job.id)
@@ -468,6 +481,7 @@ class Client:
         job = self._track(uuid.uuid4().hex, spec.ref, len(starts), table.num_rows)
         deadline = time.time() + deadline_s if deadline_s is not None else None
         pipe = self.redis.pipeline(transaction=False)
+        outbox: list[TaskEnvelope] = []
         self._record_job(pipe, job)
         try:
             for chunk, start in enumerate(starts):
@@ -488,8 +502,8 @@ class Client:
                         raise PayloadTooLarge(len(blob), self.settings.max_payload_bytes)
                     pipe.set(key, blob, ex=self.settings.input_ttl_s)
                 for queue, env in plan.tasks:
-                    self._enqueue(pipe, queue, env, level)
-                self._execute(pipe)  # per chunk: workers start on early chunks of a big job
+                    self._enqueue(pipe, queue, env, level, outbox)
+                self._execute(pipe, outbox)  # per chunk: workers start on early chunks of a big job
         except Exception:
             self._untrack(job.id)
             raise
@@ -500,22 +514,29 @@ class Client:
         meta = {"model": job.model, "chunks": job.chunks, "rows": job.rows, "created": time.time()}
         pipe.set(self.keys.job(job.id), json.dumps(meta), ex=self.settings.result_ttl_s)
 
-    def _enqueue(self, pipe: Any, queue: str, env: TaskEnvelope, level: int) -> None:
-        message = celery_message(TASK_NAME, [env.to_dict()], queue, level, env.describe())
+    def _enqueue(self, pipe: Any, queue: str, env: TaskEnvelope, level: int, outbox: list[TaskEnvelope]) -> None:
+        """Queue the task's ledger record, then its message, on ``pipe``."""
+        # Recorded before it is published, in the same round trip: a lost message can be published again.
+        self.ledger.record(pipe, env, queue, self.settings.input_ttl_s)
+        message = celery_message(TASK_NAME, [env.to_dict()], queue, level, env.describe(), task_id_of(env))
         pipe.lpush(priority_list(queue, level), message)
+        outbox.append(env)
 
-    def _execute(self, pipe: Any) -> None:
+    def _execute(self, pipe: Any, outbox: list[TaskEnvelope]) -> None:
         """Send the pipeline, retrying connection errors with backoff.
 
         Raises:
-            BrokerError: Redis stayed unreachable for ``publish_retries`` attempts.
+            BrokerError: Redis stayed unreachable for ``publish_retries`` attempts; the
+                ledger then forgets the tasks of ``outbox``, so none is published later.
         """
         for attempt in range(self.settings.publish_retries):
             try:
                 pipe.execute()
+                outbox.clear()
                 return
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if attempt + 1 == self.settings.publish_retries:
+                    self.ledger.forget(outbox)
                     raise BrokerError(f"Redis at {self._safe_url()} unreachable: {exc}; is it running?") from exc
                 time.sleep(0.1 * 2**attempt)
 
@@ -578,13 +599,20 @@ class Client:
                 with self._lock:
                     payloads = dict(waiter.payloads)
             missing = [c for c in range(job.chunks) if payloads.get(c) is None]
-            if missing:
-                stored = cast(list[bytes | None], self.redis.mget([self.keys.result(job.id, c) for c in missing]))
-                payloads.update({c: v for c, v in zip(missing, stored) if v is not None})
-            if all(payloads.get(c) is not None for c in range(job.chunks)):
-                with self._lock:
-                    self._waiters.pop(job.id, None)
-                return {c: v for c, v in payloads.items() if v is not None}
+            try:
+                if missing:
+                    stored = cast(list[bytes | None], self.redis.mget([self.keys.result(job.id, c) for c in missing]))
+                    payloads.update({c: v for c, v in zip(missing, stored, strict=True) if v is not None})
+                if all(payloads.get(c) is not None for c in range(job.chunks)):
+                    with self._lock:
+                        self._waiters.pop(job.id, None)
+                    return {c: v for c, v in payloads.items() if v is not None}
+                if missing and not self.redis.exists(self.keys.job(job.id)):
+                    # The job's record went with Redis (restart without persistence): no worker
+                    # will ever answer, so say so instead of waiting.
+                    raise JobLost(job.id, "its record vanished from Redis (restarted without persistence?)")
+            except (redis.ConnectionError, redis.TimeoutError):
+                time.sleep(0.2)  # Redis restarting: keep waiting within timeout_s
             if deadline is not None and time.monotonic() >= deadline:
                 done = sum(1 for c in range(job.chunks) if payloads.get(c) is not None)
                 raise JobTimeout(

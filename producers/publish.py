@@ -35,9 +35,11 @@ def priority_list(queue: str, priority: int) -> str:
     return f"{queue}{PRIORITY_SEP}{priority}" if priority else queue
 
 
-def celery_message(task: str, args: list[Any], queue: str, priority: int, argsrepr: str) -> bytes:
+def celery_message(
+    task: str, args: list[Any], queue: str, priority: int, argsrepr: str, task_id: str | None = None
+) -> bytes:
     """A JSON Celery protocol-2 message for kombu's Redis transport."""
-    task_id = str(uuid.uuid4())
+    task_id = task_id or str(uuid.uuid4())
     body = base64.b64encode(json.dumps([args, {}, _EMBED]).encode()).decode()
     message = {
         "body": body,

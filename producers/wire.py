@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from producers.errors import PayloadError, PayloadTooLarge, RemoteError
+from producers.ipc import read_stream
 
 __all__ = [
     "CELERY_WIRE_CONFIG",
@@ -240,25 +241,21 @@ def encode_table(table: pa.Table | pa.RecordBatch) -> bytes:
     return data
 
 
-def decode_table(data: bytes | memoryview, *, max_bytes: int | None = None) -> pa.Table:
+def decode_table(data: bytes | memoryview, *, max_bytes: int | None = None, max_rows: int | None = None) -> pa.Table:
     """Read an Arrow IPC stream, checking it fully before any column is used.
 
-    Buffers of the result point into ``data`` (no copy for fixed-width columns).
+    The schema must use the wire's types only, record batches must be uncompressed and
+    within ``max_rows`` (see ``producers.ipc``). Buffers of the result point into
+    ``data`` (no copy for fixed-width columns).
 
     Raises:
         PayloadTooLarge: ``data`` is larger than ``max_bytes``.
-        PayloadError: the bytes are not a valid Arrow IPC stream.
+        PayloadError: the bytes are not a valid, acceptable Arrow IPC stream.
     """
     size = len(data)
     if max_bytes is not None and size > max_bytes:
         raise PayloadTooLarge(size, max_bytes)
-    try:
-        reader = pa.ipc.open_stream(pa.py_buffer(data))
-        table = reader.read_all()
-        table.validate(full=True)
-    except (pa.ArrowException, OSError, ValueError, TypeError, IndexError) as exc:
-        raise PayloadError(f"payload is not a valid Arrow IPC stream: {exc}") from exc
-    return table
+    return read_stream(data, max_rows=max_rows)
 
 
 def encode_result(table: pa.Table) -> bytes:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import redis
 from celery import Celery
+from celery.exceptions import Reject
+from celery.signals import worker_ready, worker_shutdown
 from kombu import Exchange, Queue
 
 from producers.publish import TRANSPORT_OPTIONS
@@ -13,6 +16,7 @@ from producers.wire import CELERY_WIRE_CONFIG, FUSE_TASK_NAME, TASK_NAME
 from worker.ensemble import EnsembleRunner
 from worker.runtime import Runtime
 from worker.settings import WorkerSettings
+from worker.watchdog import Watchdog
 
 __all__ = ["make_app"]
 
@@ -22,7 +26,9 @@ def make_app(settings: WorkerSettings) -> Celery:
 
     At-least-once: acks after the task (``acks_late``), rejects (requeues) when the
     worker process dies mid-task, and redelivers unacked messages after
-    ``visibility_timeout_s``. Results are idempotent, so a redelivery is harmless.
+    ``visibility_timeout_s`` (a live worker renews the ones it holds: ``worker.watchdog``).
+    Results are idempotent, so a redelivery is harmless. A task that fails because Redis
+    went away is requeued, not acked.
     """
     app = Celery("hetbatch", broker=settings.redis_url, set_as_current=True)
     app.conf.update(
@@ -37,7 +43,13 @@ def make_app(settings: WorkerSettings) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s, **TRANSPORT_OPTIONS},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": settings.restore_interval_s,
+            "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": max(10, settings.restore_interval_s * 4),
+            **TRANSPORT_OPTIONS,
+        },
         task_queues=[Queue(q, Exchange(q), routing_key=q) for q in settings.queue_names],
         task_create_missing_queues=True,
     )
@@ -62,7 +74,21 @@ def make_app(settings: WorkerSettings) -> Celery:
 
     @app.task(name=TASK_NAME, ignore_result=True)  # type: ignore[untyped-decorator]
     def predict(envelope: Any) -> dict[str, Any]:
-        return runtime().handle(envelope)
+        try:
+            return runtime().handle(envelope)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Not the job's fault: keep the message (acking it here would lose the job).
+            raise Reject(f"Redis unavailable: {exc}", requeue=True) from exc
+
+    watchdog = Watchdog(settings)
+
+    @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _start_watchdog(**_: Any) -> None:
+        watchdog.start()
+
+    @worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _stop_watchdog(**_: Any) -> None:
+        watchdog.stop()
 
     @app.task(name=FUSE_TASK_NAME, ignore_result=True)  # type: ignore[untyped-decorator]
     def fuse(continuation: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from worker import dlq, reconciler
 from worker.adapt import add_parser as add_adapt_parsers
 from worker.evaluation import add_parser as add_ensembles_parser
 from worker.flower import add_parser as add_flower_parser
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_ensembles_parser(sub)
     add_flower_parser(sub)
     add_status_parser(sub)
+    dlq.add_parser(sub)
+    reconciler.add_parser(sub)
     for subparser in sub.choices.values():
         # Accept the option after the subcommand too, without overriding it with None.
         subparser.add_argument("--redis-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -7,6 +7,9 @@ worker thread never dies of bad input, and the other items of the task go on.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -18,11 +21,13 @@ import pyarrow as pa
 import redis
 
 from producers.errors import HetbatchError, JobExpired, JobLost, PayloadError, RemoteError, SchemaMismatch
+from producers.ledger import Ledger, Start
 from producers.registry import ModelSpec, Registry
 from producers.schema import arrays_to_table, table_to_arrays
 from producers.wire import DEVICE_KEY, Item, Keys, TaskEnvelope, decode_table, encode_error, encode_result
 from worker import status as _status  # noqa: F401  (connects the heartbeat to worker start)
 from worker.batching import Arrivals, BatchStats
+from worker.dlq import DeadLetters
 from worker.metrics import WorkerMetrics
 from worker.models import ModelCache
 from worker.results import Outcome, ResultWriter
@@ -65,6 +70,12 @@ class Runtime:
         # earlier delivery), e.g. to hand an ensemble member's result on to fusion.
         self.after_store: list[Callable[[TaskEnvelope], None]] = []
         self.metrics = WorkerMetrics(settings, self.redis, self.models.loaded).start()
+        self.ledger = Ledger(self.redis, self.keys)
+        self.dead_letters = DeadLetters(self.redis, self.keys, result_ttl_s=settings.result_ttl_s)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        # Tasks attempted before run one at a time: if one kills the worker, no other
+        # retried task dies with it and is wrongly counted towards the attempt cap.
+        self._isolation = threading.Lock()
 
     def handle(self, body: Any) -> dict[str, Any]:
         """Run one task body; returns a small summary (what Flower shows as the result)."""
@@ -74,12 +85,44 @@ class Runtime:
             # No job id to answer to: nothing can be stored, so say it loudly.
             log.error("dropped a task with a malformed envelope: %s", exc)
             return {"error": str(exc)}
-        todo = self._pending_items(env)
+        start = self._begin(env, claim=False)
+        if start.verdict == "suspect":
+            with self._isolation:
+                # Load the model before claiming: a worker killed during a slow load did
+                # not die of this job, so that must not count towards its attempt cap.
+                self._warm(env)
+                return self._handle(env, self._begin(env, claim=True))
+        return self._handle(env, start)
+
+    def _warm(self, env: TaskEnvelope) -> None:
+        try:
+            self.models.get(self.models.spec(f"{env.model}@{env.version}"))
+        except Exception:  # the same error is met, and stored for the job, in _run
+            return
+
+    def _begin(self, env: TaskEnvelope, claim: bool) -> Start:
+        return self.ledger.begin(
+            env,
+            worker=self.worker_id,
+            ttl_s=self.settings.result_ttl_s,
+            max_attempts=self.settings.max_attempts,
+            claim=claim,
+        )
+
+    def _handle(self, env: TaskEnvelope, start: Start) -> dict[str, Any]:
+        todo = self._pending_items(env, start.done)
         if not todo:
             self._after_store(env)
             return {"model": env.model, "duplicate": len(env.items)}
+        if start.verdict == "dead":
+            reason = f"started {start.attempts} times without finishing (max_attempts={self.settings.max_attempts})"
+            log.error("dead-lettering %s: %s", env.describe(), reason)
+            self.dead_letters.bury(env, start.attempts, reason)
+            return {"model": env.model, "dead_lettered": len(todo)}
         outcomes = self._run(env, todo)
-        self.writer.write(outcomes, env.reply_to)
+        stored = self.writer.write(outcomes, env.reply_to)
+        if stored < len(outcomes):  # another execution of the same items finished first
+            self.ledger.count("duplicate_results", len(outcomes) - stored)
         self._after_store(env)
         self.metrics.observe_outcomes(f"{env.model}@{env.version}", env.items, outcomes)
         if env.payload_key is not None and env.then is None:  # an ensemble's input is shared: fusion drops it
@@ -91,11 +134,11 @@ class Runtime:
         for hook in self.after_store:
             hook(env)
 
-    def _pending_items(self, env: TaskEnvelope) -> list[tuple[int, Item]]:
+    @staticmethod
+    def _pending_items(env: TaskEnvelope, done: tuple[bool, ...]) -> list[tuple[int, Item]]:
         """(row offset, item) of the items that have no stored result yet."""
-        done = self.writer.existing(self.redis, [(i.job_id, i.chunk) for i in env.items])
         out, offset = [], 0
-        for item, stored in zip(env.items, done):
+        for item, stored in zip(env.items, done, strict=True):
             if not stored:
                 out.append((offset, item))
             offset += item.rows
@@ -168,7 +211,7 @@ class Runtime:
                 raise JobLost(env.items[0].job_id, f"input {env.payload_key} is gone (TTL passed or Redis lost it)")
         else:
             data = env.inline_payload()
-        table = decode_table(data, max_bytes=self.settings.max_payload_bytes)
+        table = decode_table(data, max_bytes=self.settings.max_payload_bytes, max_rows=env.rows)
         if table.num_rows != env.rows:
             raise PayloadError(f"payload has {table.num_rows} rows, the envelope says {env.rows}")
         return table
@@ -182,7 +225,11 @@ class Runtime:
         pipe.hincrby(key, "requests", stats.requests)
         pipe.hincrbyfloat(key, "compute_s", stats.compute_s)
         pipe.hincrbyfloat(key, "queue_wait_s", stats.queue_wait_s)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            # Runs on the batcher thread: a Redis restart must cost a statistic, not the batcher.
+            log.info("batch stats for %s not recorded: %s", spec.ref, exc)
 
     def close(self) -> None:
         self.metrics.stop()

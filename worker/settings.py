@@ -27,8 +27,8 @@ class WorkerSettings:
     """Task threads: enough tasks in flight for the batcher to coalesce them."""
     prefetch_multiplier: int = 2
     """Messages reserved per thread; concurrency x this many are held unacked."""
-    visibility_timeout_s: int = 600
-    """Unacked messages of a dead worker are redelivered after this long."""
+    visibility_timeout_s: int = 60
+    """Unacked messages of a dead worker are redelivered after this long (live workers renew theirs)."""
     max_batch_rows: int = 8192
     """Rows per model call when the model's entry sets none."""
     max_delay_ms: float = 2.0
@@ -59,10 +59,29 @@ class WorkerSettings:
     """Flower basic-auth password."""
     flower_port: int = 5555
     """Port Flower listens on."""
+    restore_interval_s: int = 5
+    """How often each worker asks kombu to give back messages past their visibility timeout."""
+    lease_interval_s: float = 5.0
+    """How often a worker renews the leases on the messages it holds (well below the timeout)."""
+    max_hold_s: float = 3600.0
+    """Longest a worker renews the lease of one message (a forgotten request comes back after it)."""
+    max_attempts: int = 3
+    """Starts of a task before it is dead-lettered as a poison job."""
+    reconcile: bool = True
+    """Run the leader-elected reconciler in this worker (re-publishes lost tasks)."""
+    reconcile_interval_s: float = 10.0
+    """Seconds between the reconciler's sweeps."""
+    overdue_s: float = 30.0
+    """Age of a published task after which the reconciler checks that a queue still holds it."""
 
     def __post_init__(self) -> None:
         if self.pool not in ("cpu", "gpu"):
             raise ValueError(f"pool must be 'cpu' or 'gpu', not {self.pool!r}")
+        if self.lease_interval_s * 2 > self.visibility_timeout_s:
+            raise ValueError(
+                f"lease_interval_s={self.lease_interval_s} must be under half of "
+                f"visibility_timeout_s={self.visibility_timeout_s}, or live workers' messages get redelivered"
+            )
 
     @property
     def queue_names(self) -> list[str]:

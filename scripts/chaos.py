@@ -1,0 +1,216 @@
+"""Chaos run: jobs keep flowing while a worker is SIGKILLed every few seconds and Redis is
+SIGKILLed and restarted once; then every job's result is checked.
+
+    python scripts/chaos.py --jobs 5000 --kill-every-s 10 --redis-kill-at-s 30
+
+Everything is private: a redis-server with AOF (``appendfsync always``) on a free
+port, two real ``hetbatch worker`` processes (one is killed and restarted every
+``--kill-every-s``, the other keeps running), a scikit-learn model trained on iris.
+Checks: no job lost, every job has exactly one stored result, each result equals the
+model's in-process prediction; reports attempts, duplicate executions, re-published
+and dead-lettered tasks, and submissions refused while Redis was down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from producers import BrokerError, Client, ClientSettings  # noqa: E402
+from producers.ledger import LedgerKeys  # noqa: E402
+from tests.helpers import WorkerProcess, column, register  # noqa: E402
+from tests.models import sklearn_model  # noqa: E402
+from worker.redis_server import RedisServer, free_port  # noqa: E402
+
+FAST_RECOVERY = {
+    "HETBATCH_VISIBILITY_TIMEOUT_S": "10",
+    "HETBATCH_LEASE_INTERVAL_S": "2",
+    "HETBATCH_RESTORE_INTERVAL_S": "1",
+    "HETBATCH_OVERDUE_S": "10",
+    "HETBATCH_RECONCILE_INTERVAL_S": "3",
+    "HETBATCH_CONCURRENCY": "8",
+}
+
+
+@dataclass
+class ChaosReport:
+    jobs: int
+    duration_s: float = 0.0
+    worker_kills: int = 0
+    redis_kills: int = 0
+    refused_while_redis_down: int = 0
+    lost: int = 0
+    wrong: int = 0
+    errors: int = 0
+    missing_results: int = 0
+    jobs_with_retries: int = 0
+    max_attempts_seen: int = 0
+    counters: dict[str, float] = field(default_factory=dict)
+    recovery_bound_s: float = 0.0
+    rows_per_s: float = 0.0
+
+
+class _Redis:
+    """A private AOF redis-server that can be SIGKILLed and restarted on the same port and data."""
+
+    def __init__(self, aof: bool = True) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="hetbatch-chaos-")
+        self.args = ("--dir", self.dir, "--appendonly", "yes", "--appendfsync", "always") if aof else ()
+        self.server = RedisServer(*self.args, port=self.port)
+        self.url = self.server.url
+
+    def kill_and_restart(self, down_s: float) -> None:
+        self.server.kill()
+        time.sleep(down_s)
+        self.server = RedisServer(*self.args, port=self.port)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def run_chaos(
+    jobs: int,
+    *,
+    kill_every_s: float,
+    redis_kill_at_s: float | None,
+    rate_per_s: float,
+    work_dir: Path,
+    log: Any = print,
+) -> ChaosReport:
+    """Run the chaos scenario (see the module docstring) and return its figures."""
+    report = ChaosReport(jobs=jobs)
+    redis_proc = _Redis()
+    built = sklearn_model(work_dir / "iris", "chaos-iris", "iris")
+    env = dict(FAST_RECOVERY)
+    steady = victim = None
+    client = Client(ClientSettings.from_env(redis_url=redis_proc.url, publish_retries=3))
+    stop = threading.Event()
+    chaos_thread: threading.Thread | None = None
+    try:
+        register(client, built.directory)
+        steady = WorkerProcess(redis_proc.url, work_dir, "--name", "steady@%h", env=env)
+        victim = WorkerProcess(redis_proc.url, work_dir, "--name", "victim@%h", env=env)
+        rng = np.random.default_rng(0)
+        inputs: list[np.ndarray] = []
+        submitted: list[Any] = []
+        started = time.monotonic()
+
+        def chaos() -> None:
+            nonlocal victim
+            next_kill = started + kill_every_s
+            redis_due = started + redis_kill_at_s if redis_kill_at_s is not None else None
+            while not stop.is_set():
+                now = time.monotonic()
+                if redis_due is not None and now >= redis_due:
+                    log(f"[{now - started:6.1f}s] SIGKILL redis (AOF), restarting")
+                    redis_proc.kill_and_restart(down_s=1.0)
+                    report.redis_kills += 1
+                    redis_due = None
+                if now >= next_kill and victim is not None:
+                    log(f"[{now - started:6.1f}s] SIGKILL worker pid {victim.proc.pid}")
+                    victim.kill()
+                    victim.stop()
+                    report.worker_kills += 1
+                    victim = WorkerProcess(
+                        redis_proc.url, work_dir, "--name", f"victim{report.worker_kills}@%h", env=env
+                    )
+                    next_kill = time.monotonic() + kill_every_s
+                time.sleep(0.1)
+
+        chaos_thread = threading.Thread(target=chaos, daemon=True)
+        chaos_thread.start()
+        for i in range(jobs):
+            rows = int(rng.integers(1, 20))
+            x = built.X[rng.integers(0, len(built.X), rows)] + rng.normal(0, 0.05, (rows, built.X.shape[1]))
+            while True:
+                try:
+                    submitted.append(client.submit("chaos-iris", x))
+                    inputs.append(x)
+                    break
+                except BrokerError:
+                    report.refused_while_redis_down += 1  # not accepted: the caller retries
+                    time.sleep(0.5)
+            target = started + (i + 1) / rate_per_s
+            time.sleep(max(0.0, target - time.monotonic()))
+        log(f"[{time.monotonic() - started:6.1f}s] all {jobs} jobs submitted; collecting")
+        for job, x in zip(submitted, inputs, strict=True):
+            try:
+                out = job.result(timeout_s=300)
+            except Exception as exc:
+                name = type(exc).__name__
+                report.lost += name in ("JobLost", "JobTimeout")
+                report.errors += name not in ("JobLost", "JobTimeout")
+                log(f"job {job.id}: {name}: {exc}")
+                continue
+            label_ok = np.array_equal(column(out, "label"), built.model.predict(x))
+            proba_ok = np.allclose(column(out, "probabilities"), built.model.predict_proba(x), atol=1e-6)
+            report.wrong += not (label_ok and proba_ok)
+        report.duration_s = time.monotonic() - started
+        stop.set()
+        chaos_thread.join()
+        chaos_thread = None
+        stored = client.redis.mget([client.keys.result(j.id, 0) for j in submitted])
+        report.missing_results = sum(v is None for v in stored)
+        attempts = [len(j.attempts()) for j in submitted]
+        report.jobs_with_retries = sum(a > 1 for a in attempts)
+        report.max_attempts_seen = max(attempts, default=0)
+        report.counters = client.ledger.counters()
+        report.counters["dlq_length"] = float(client.redis.llen(LedgerKeys().dlq()))
+        report.recovery_bound_s = float(env["HETBATCH_VISIBILITY_TIMEOUT_S"]) + float(
+            env["HETBATCH_RESTORE_INTERVAL_S"]
+        )
+        report.rows_per_s = sum(len(x) for x in inputs) / report.duration_s
+    finally:
+        stop.set()
+        if chaos_thread is not None:
+            chaos_thread.join()
+        client.close()
+        for proc in (steady, victim):
+            if proc is not None:
+                proc.stop()
+        redis_proc.stop()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=5000)
+    parser.add_argument("--kill-every-s", type=float, default=10.0)
+    parser.add_argument("--redis-kill-at-s", type=float, default=30.0, help="negative: never")
+    parser.add_argument("--rate-per-s", type=float, default=80.0, help="jobs submitted per second")
+    parser.add_argument("--out", default=None, help="write the report as JSON here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    with tempfile.TemporaryDirectory(prefix="hetbatch-chaos-") as tmp:
+        report = run_chaos(
+            args.jobs,
+            kill_every_s=args.kill_every_s,
+            redis_kill_at_s=args.redis_kill_at_s if args.redis_kill_at_s >= 0 else None,
+            rate_per_s=args.rate_per_s,
+            work_dir=Path(tmp),
+        )
+    text = json.dumps(asdict(report), indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    ok = report.lost == report.wrong == report.errors == report.missing_results == 0
+    print("OK: 0 lost, every job one result equal to the in-process prediction" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The reconciler: finds published tasks that no queue holds and no result answers.
+
+kombu's Redis transport redelivers the unacked messages of a dead worker after the
+visibility timeout (``worker.lease`` keeps a live worker's messages from being
+redelivered). What it cannot redeliver is a message that is *nowhere*: lost between
+the pop and the unacked record, lost with a Redis that restarted without
+persistence, or acked after a failure. The reconciler walks the ledger
+(``producers.ledger``) and, for every task older than ``overdue_s``:
+
+- with a result for every item: done, dropped from the ledger;
+- present in a queue list or the unacked hash: looked at again ``overdue_s`` later;
+- absent and unanswered on two sweeps in a row: published again from the ledger's
+  envelope (same task id), or dead-lettered once its attempts reached the cap.
+
+It runs as ``hetbatch reconcile`` and, by default, inside every worker, where one
+leader at a time (a Redis lock with a TTL) does the sweeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import redis
+
+from producers.errors import PayloadError
+from producers.ledger import LedgerKeys
+from producers.wire import TASK_NAME, Keys, TaskEnvelope
+from worker.dlq import DeadLetters
+
+__all__ = ["LeaderLock", "Reconciler", "Republisher", "SweepReport", "add_parser"]
+
+log = logging.getLogger(__name__)
+
+_PRIORITY_STEPS = 10  # matches the apps' priority_steps
+_UNACKED = "unacked"  # kombu's hash of delivered, unacked messages
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+class Republisher:
+    """Publishes ledger envelopes again, as JSON Celery messages with their original task id."""
+
+    def __init__(self, url: str) -> None:
+        from producers.client import make_producer_app
+
+        self.app = make_producer_app(url)
+
+    def publish(self, body: dict[str, Any], queue: str, task_id: str) -> None:
+        self.app.send_task(
+            TASK_NAME, args=[body], queue=queue, task_id=task_id, retry=True, retry_policy={"max_retries": 3}
+        )
+
+    def close(self) -> None:
+        self.app.close()
+
+    def __enter__(self) -> Republisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LeaderLock:
+    """At most one holder at a time: ``SET NX PX``, renewed only by its owner."""
+
+    def __init__(self, client: redis.Redis, key: str, ttl_s: float) -> None:
+        self.redis = client
+        self.key = key
+        self.ttl_ms = int(ttl_s * 1000)
+        self.owner = uuid.uuid4().hex
+        self._renew = client.register_script(_RENEW)
+
+    def acquire(self) -> bool:
+        """Take or keep the lock; False while someone else holds it."""
+        if self._renew(keys=[self.key], args=[self.owner, self.ttl_ms]):
+            return True
+        return bool(self.redis.set(self.key, self.owner, nx=True, px=self.ttl_ms))
+
+    def release(self) -> None:
+        self._renew(keys=[self.key], args=[self.owner, 1])
+
+
+@dataclass
+class SweepReport:
+    """What one sweep found and did."""
+
+    checked: int = 0
+    done: int = 0
+    queued: int = 0
+    suspect: int = 0
+    republished: list[str] = field(default_factory=list)
+    dead_lettered: list[str] = field(default_factory=list)
+
+
+class Reconciler:
+    """Re-publishes lost tasks and dead-letters those out of attempts.
+
+    Args:
+        client: the Redis holding queues, ledger and results.
+        keys: the deployment's key names.
+        publish: ``publish(envelope_dict, queue, task_id)``.
+        overdue_s: age after which a task's whereabouts are checked.
+        max_attempts: starts after which a lost task is dead-lettered instead.
+        batch: most ledger entries looked at per sweep.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        publish: Any,
+        *,
+        overdue_s: float = 30.0,
+        max_attempts: int = 3,
+        result_ttl_s: int = 86_400,
+        batch: int = 5000,
+    ) -> None:
+        self.redis = client
+        self.keys = keys
+        self.lk = LedgerKeys(keys.prefix)
+        self.publish = publish
+        self.overdue_s = overdue_s
+        self.max_attempts = max_attempts
+        self.batch = batch
+        self.dlq = DeadLetters(client, keys, result_ttl_s=result_ttl_s)
+        self._missing: set[str] = set()  # absent on the previous sweep
+
+    def sweep(self, now: float | None = None) -> SweepReport:
+        """Look at every overdue ledger entry once (see the module docstring)."""
+        now = time.time() if now is None else now
+        report = SweepReport()
+        ids = [
+            t.decode()
+            for t in cast(
+                list[bytes],
+                self.redis.zrangebyscore(self.lk.ledger(), "-inf", now - self.overdue_s, start=0, num=self.batch),
+            )
+        ]
+        if not ids:
+            self._missing.clear()
+            return report
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hmget(self.lk.task(task_id), ["env", "queue", "attempts"])
+        entries: dict[str, tuple[TaskEnvelope, dict[str, Any], str, int]] = {}
+        gone = []
+        for task_id, (env_raw, queue, attempts) in zip(ids, pipe.execute(), strict=True):
+            try:
+                body = json.loads(env_raw)
+                entries[task_id] = (TaskEnvelope.from_dict(body), body, queue.decode(), int(attempts or 0))
+            except (TypeError, ValueError, AttributeError, PayloadError):
+                gone.append(task_id)  # the ledger record expired or is unreadable: nothing to redo
+        report.checked = len(ids)
+        unfinished = self._unfinished(entries)
+        report.done = len(entries) - len(unfinished)
+        drop = gone + [t for t in entries if t not in unfinished]
+        present = self._in_broker({entries[t][2] for t in unfinished}) if unfinished else set()
+        later: dict[str, float] = {}
+        for task_id in unfinished:
+            env, body, queue, attempts = entries[task_id]
+            if task_id in present:
+                report.queued += 1
+                later[task_id] = now
+            elif task_id not in self._missing:
+                report.suspect += 1  # could be between a pop and its unacked record: look again
+            elif attempts >= self.max_attempts:
+                self.dlq.bury(env, attempts, f"lost after {attempts} attempts (worker deaths)", queue)
+                report.dead_lettered.append(task_id)
+            else:
+                self.publish(body, queue, task_id)
+                later[task_id] = now
+                report.republished.append(task_id)
+        self._missing = {t for t in unfinished if t not in present and t not in later and t not in report.dead_lettered}
+        pipe = self.redis.pipeline(transaction=False)
+        if drop:
+            pipe.zrem(self.lk.ledger(), *drop)
+        if later:
+            pipe.zadd(self.lk.ledger(), later, xx=True)
+        if report.republished:
+            pipe.hincrby(self.lk.stats(), "republished", len(report.republished))
+        pipe.execute()
+        if report.republished or report.dead_lettered:
+            log.warning(
+                "reconciler: republished %d lost task(s), dead-lettered %d",
+                len(report.republished),
+                len(report.dead_lettered),
+            )
+        return report
+
+    def _unfinished(self, entries: dict[str, tuple[TaskEnvelope, dict[str, Any], str, int]]) -> set[str]:
+        pipe = self.redis.pipeline(transaction=False)
+        order = []
+        for task_id, (env, *_rest) in entries.items():
+            for item in env.items:
+                pipe.exists(self.keys.result(item.job_id, item.chunk))
+                order.append(task_id)
+        missing = {t for t, found in zip(order, pipe.execute(), strict=True) if not found}
+        return missing
+
+    def _in_broker(self, queues: set[str]) -> set[str]:
+        """Task ids of every message waiting in ``queues`` or delivered and not yet acked."""
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in sorted(queues):
+            for pri in range(_PRIORITY_STEPS):
+                pipe.lrange(queue if pri == 0 else f"{queue}:{pri}", 0, -1)
+        pipe.hvals(_UNACKED)
+        found: set[str] = set()
+        results = pipe.execute()
+        for raw in [m for chunk in results[:-1] for m in chunk]:
+            found.add(_message_id(raw))
+        for raw in results[-1]:
+            found.add(_message_id(raw, unacked=True))
+        return found
+
+
+def _message_id(raw: bytes, unacked: bool = False) -> str:
+    """The Celery task id in a kombu message (unacked entries are ``[message, exchange, key]``)."""
+    try:
+        message = json.loads(raw)
+        return str((message[0] if unacked else message)["headers"]["id"])
+    except (ValueError, KeyError, TypeError, IndexError):
+        return ""
+
+
+def _cmd_reconcile(args: argparse.Namespace) -> int:
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings.from_env(redis_url=args.redis_url)
+    client = redis.Redis.from_url(settings.redis_url)
+    lock = LeaderLock(client, LedgerKeys(settings.prefix).leader(), ttl_s=max(5.0, 3 * args.interval_s))
+    with Republisher(settings.redis_url) as pub:
+        rec = Reconciler(
+            client,
+            Keys(settings.prefix),
+            pub.publish,
+            overdue_s=args.overdue_s if args.overdue_s is not None else settings.overdue_s,
+            max_attempts=settings.max_attempts,
+            result_ttl_s=settings.result_ttl_s,
+        )
+        # --once sweeps twice: a task is acted on only when found missing two sweeps in a row.
+        for _ in range(2) if args.once else iter(int, 1):
+            if args.once or lock.acquire():
+                report = rec.sweep()
+                print(
+                    f"checked={report.checked} done={report.done} queued={report.queued} suspect={report.suspect} "
+                    f"republished={len(report.republished)} dead_lettered={len(report.dead_lettered)}",
+                    flush=True,
+                )
+            time.sleep(2.0 if args.once else args.interval_s)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``hetbatch reconcile [--once] [--interval-s S] [--overdue-s S]``."""
+    p = sub.add_parser("reconcile", help="re-publish lost jobs and dead-letter poison jobs (leader-elected)")
+    p.add_argument("--once", action="store_true", help="one sweep (twice to act on a lost task), then exit")
+    p.add_argument("--interval-s", type=float, default=10.0, help="seconds between sweeps")
+    p.add_argument("--overdue-s", type=float, default=None, help="task age before it is checked")
+    p.set_defaults(func=_cmd_reconcile)
