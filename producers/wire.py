@@ -78,7 +78,6 @@ class Status(str, Enum):
     FAILED = "failed"
     EXPIRED = "expired"
     LOST = "lost"
-    UNKNOWN = "unknown"
 
 
 def queue_for(framework: str, device: str) -> str:

@@ -58,7 +58,7 @@ def test_submit_many_and_reattaching_by_id(redis_url: str, ref: str, wine: Built
                 column(await again.result(timeout_s=60), "label"), wine.model.predict(pieces[0])
             )
             assert await again.delete() >= 2
-            assert await again.status() is Status.UNKNOWN
+            assert await again.status() is Status.LOST
 
     asyncio.run(main())
 

@@ -93,7 +93,8 @@ def _iris_bytes(rows: int, dtype: str = "float64", width: int = 4, name: str = "
     [
         (b"garbage, not arrow", 3, "PayloadError", "not a valid Arrow IPC stream"),
         (_iris_bytes(5)[:-40], 5, "PayloadError", "not a valid Arrow IPC stream"),
-        (_iris_bytes(5), 4, "PayloadError", "payload has 5 rows, the envelope says 4"),
+        (_iris_bytes(5), 4, "PayloadError", "record batch declares 5 rows; at most 4 are expected"),
+        (_iris_bytes(3), 4, "PayloadError", "payload has 3 rows, the envelope says 4"),
         (_iris_bytes(5, "float32"), 5, "SchemaMismatch", "expected float64[4], received float"),
         (_iris_bytes(5, width=3), 5, "SchemaMismatch", "received float64[3]"),
         (_iris_bytes(5, name="Y"), 5, "SchemaMismatch", "missing input column"),

@@ -149,7 +149,7 @@ def test_purge_drops_the_queued_tasks_inputs_and_records_of_one_model(backlog: d
     assert backlog["report"].messages == 3 and backlog["report"].jobs == 3
     assert backlog["purged_inputs"] == 0
     for job in backlog["purged"]:
-        assert job.status() is Status.UNKNOWN  # never ran, and its record is gone
+        assert job.status() is Status.LOST  # never ran, and its record is gone
 
 
 def test_inputs_and_results_carry_their_ttls(backlog: dict[str, Any]) -> None:
@@ -166,5 +166,5 @@ def test_job_delete_drops_its_result_and_record(backlog: dict[str, Any]) -> None
     job = backlog["high"][-1]
     assert job.status() is Status.DONE
     assert job.delete() == 2  # record + result (the input was gone already)
-    assert job.status() is Status.UNKNOWN
+    assert job.status() is Status.LOST
     assert not backlog["redis"].exists(client.keys.result(job.id, 0), client.keys.job(job.id))
