@@ -48,6 +48,9 @@ class OnnxAdapter(Adapter):
             raise MissingFramework("onnxruntime", "onnx") from exc
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(self.options.get("threads", 0))
+        # ORT's pool threads spin after each call; in a worker they would take the cores
+        # from the threads that decode and store the next jobs. Opt back in with spin = true.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options.get("spin") else "0")
         level = str(self.options.get("graph_optimization", "all"))
         opts.graph_optimization_level = {
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,

@@ -108,14 +108,14 @@ def build_models(root: Path, names: list[str]) -> dict[str, BenchModel]:
             name="torch-mlp",
             framework="torch",
             artifact="model.pt",
-            inputs=[{"name": "x", "dtype": "float32", "shape": [FEATURES]}],
+            inputs=[{"name": "input", "dtype": "float32", "shape": [FEATURES]}],
         )
 
         def call(a: Mapping[str, np.ndarray], m: Any = scripted) -> Any:
             with torch.inference_mode():
-                return m(torch.from_numpy(np.ascontiguousarray(a["x"]))).numpy()
+                return m(torch.from_numpy(np.ascontiguousarray(a["input"]))).numpy()
 
-        out["torch-mlp"] = BenchModel("torch-mlp", root / "torch-mlp", call, "x")
+        out["torch-mlp"] = BenchModel("torch-mlp", root / "torch-mlp", call, "input")
     return out
 
 

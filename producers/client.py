@@ -512,7 +512,8 @@ class Client:
     def _record_job(self, pipe: Any, job: Job) -> None:
         """The job's ledger record, written before its task is published."""
         meta = {"model": job.model, "chunks": job.chunks, "rows": job.rows, "created": time.time()}
-        pipe.set(self.keys.job(job.id), json.dumps(meta), ex=self.settings.result_ttl_s)
+        # execute_command skips redis-py's per-call argument wrappers: this runs once per small job.
+        pipe.execute_command("SET", self.keys.job(job.id), json.dumps(meta), "EX", self.settings.result_ttl_s)
 
     def _enqueue(self, pipe: Any, queue: str, env: TaskEnvelope, level: int, outbox: list[TaskEnvelope]) -> None:
         """Queue the task's ledger record, then its message, on ``pipe``."""

@@ -125,8 +125,15 @@ def _fits(t: pa.DataType, spec: TensorSpec) -> bool:
     return bool(t == spec.arrow_type)
 
 
+_DTYPE_NAMES: dict[np.dtype[Any], str] = {}
+
+
 def _dtype_name(dtype: np.dtype[Any]) -> str:
-    return "string" if dtype.kind in "OUT" else dtype.name
+    # numpy builds dtype.name anew on each access (~10 us): cache it, small jobs pay it per job.
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = "string" if dtype.kind in "OUT" else dtype.name
+    return name
 
 
 def _cast(arr: np.ndarray, spec: TensorSpec, cast: CastRule) -> np.ndarray:

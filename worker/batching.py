@@ -21,7 +21,7 @@ import numpy as np
 
 from adapters.base import PredictError
 
-__all__ = ["Arrivals", "BatchStats", "Batcher", "Request", "is_oom", "merge", "split"]
+__all__ = ["Arrays", "Arrivals", "BatchStats", "Batcher", "Request", "is_oom", "merge", "split"]
 
 log = logging.getLogger(__name__)
 

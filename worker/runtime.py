@@ -24,12 +24,12 @@ from producers.errors import HetbatchError, JobExpired, JobLost, PayloadError, R
 from producers.ledger import Ledger, Start
 from producers.registry import ModelSpec, Registry
 from producers.schema import arrays_to_table, table_to_arrays
-from producers.wire import DEVICE_KEY, Item, Keys, TaskEnvelope, decode_table, encode_error, encode_result
+from producers.wire import DEVICE_KEY, Item, Keys, TaskEnvelope, decode_table, encode_error, encode_results
 from worker import status as _status  # noqa: F401  (connects the heartbeat to worker start)
-from worker.batching import Arrivals, BatchStats
+from worker.batching import Arrays, Arrivals, Batcher, BatchStats
 from worker.dlq import DeadLetters
 from worker.metrics import WorkerMetrics
-from worker.models import ModelCache
+from worker.models import LoadedModel, ModelCache
 from worker.results import Outcome, ResultWriter
 from worker.settings import WorkerSettings
 
@@ -162,42 +162,75 @@ class Runtime:
                 if not isinstance(exc, HetbatchError):
                     log.warning("task for %s failed before batching: %s", env.describe(), exc)
                 return [_error(i, exc) for _, i in todo]
-            views: list[tuple[Item, dict[str, np.ndarray] | Outcome]] = []
+            outcomes: list[Outcome] = []
+            runs: list[list[tuple[int, Item]]] = []  # contiguous valid items share one model request
             for offset, item in todo:
                 try:
                     if spec.nan == "reject":
                         _check_finite(arrays, offset, item.rows)
                     if item.rows == 0:
                         raise SchemaMismatch("the job has no rows; nothing to predict")
-                    views.append((item, {n: a[offset : offset + item.rows] for n, a in arrays.items()}))
                 except HetbatchError as exc:  # rejected before merging: the others go on
-                    views.append((item, _error(item, exc)))
+                    outcomes.append(_error(item, exc))
+                    continue
+                last = runs[-1][-1] if runs else None
+                if last is not None and last[0] + last[1].rows == offset:
+                    runs[-1].append((offset, item))
+                else:
+                    runs.append([(offset, item)])
         finally:
             self.arrivals.leave(ref)
-        futures = [(i, v if isinstance(v, Outcome) else model.batcher.submit(v, i.rows)) for i, v in views]
-        return [self._outcome(item, f, spec, model.adapter.device) for item, f in futures]
+        pending = [(run, self._submit(model.batcher, arrays, run)) for run in runs]
+        for run, future in pending:
+            outcomes += self._finish(run, future, arrays, spec, model)
+        return outcomes
 
-    def _outcome(
-        self, item: Item, pending: Future[dict[str, np.ndarray]] | Outcome, spec: ModelSpec, device: str
-    ) -> Outcome:
-        if isinstance(pending, Outcome):
-            return pending
+    @staticmethod
+    def _submit(batcher: Batcher, arrays: Mapping[str, np.ndarray], run: list[tuple[int, Item]]) -> Future[Arrays]:
+        start, rows = run[0][0], sum(item.rows for _, item in run)
+        return batcher.submit({n: a[start : start + rows] for n, a in arrays.items()}, rows)
+
+    def _finish(
+        self,
+        run: list[tuple[int, Item]],
+        future: Future[Arrays],
+        arrays: Mapping[str, np.ndarray],
+        spec: ModelSpec,
+        model: LoadedModel,
+    ) -> list[Outcome]:
+        """Outcomes of one run of items; a failed run of several is retried item by item,
+        so the batcher's bisection finds the one job that makes the model raise."""
         try:
-            outputs = pending.result(timeout=self.settings.task_timeout_s)
-            table = self._select(outputs, spec)
-            # Which device ran it: a gpu model with fallback = "cpu" may have run on a cpu worker.
-            table = table.replace_schema_metadata({**(table.schema.metadata or {}), DEVICE_KEY: device.encode()})
-            data = encode_result(table)
-            if len(data) > self.settings.max_result_bytes:
-                raise PayloadError(
-                    f"result of {len(data)} bytes is over max_result_bytes={self.settings.max_result_bytes}; "
-                    "submit smaller chunks (chunk_rows)"
-                )
-            return Outcome(item.job_id, item.chunk, data)
+            outputs = future.result(timeout=self.settings.task_timeout_s)
         except FutureTimeout:
-            return _error(item, TimeoutError(f"no model result within {self.settings.task_timeout_s} s"))
+            return [_error(i, TimeoutError(f"no model result within {self.settings.task_timeout_s} s")) for _, i in run]
         except Exception as exc:
-            return _error(item, exc)
+            if len(run) == 1:
+                return [_error(run[0][1], exc)]
+            singles = [([one], self._submit(model.batcher, arrays, [one])) for one in run]
+            return [o for single, fut in singles for o in self._finish(single, fut, arrays, spec, model)]
+        table = self._select(outputs, spec)
+        # Which device ran it: a gpu model with fallback = "cpu" may have run on a cpu worker.
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), DEVICE_KEY: model.adapter.device.encode()}
+        )
+        start = run[0][0]
+        results = encode_results(table, [(offset - start, item.rows) for offset, item in run])
+        out = []
+        for (_, item), data in zip(run, results):
+            if len(data) > self.settings.max_result_bytes:
+                out.append(
+                    _error(
+                        item,
+                        PayloadError(
+                            f"result of {len(data)} bytes is over max_result_bytes={self.settings.max_result_bytes}; "
+                            "submit smaller chunks (chunk_rows)"
+                        ),
+                    )
+                )
+            else:
+                out.append(Outcome(item.job_id, item.chunk, data))
+        return out
 
     @staticmethod
     def _select(outputs: Mapping[str, np.ndarray], spec: ModelSpec) -> pa.Table:
