@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rows and jobs: under 3 minutes")
     parser.add_argument("--models", default="onnx-mlp,forest,forest-onnx,torch-mlp")
     parser.add_argument("--out", default=str(ROOT / ".bench" / "results.json"))
+    parser.add_argument("--no-ensemble", action="store_true", help="skip the ensemble row")
     args = parser.parse_args(argv)
     q = args.quick
     rows, jobs, naive_n, lat_jobs, repeats = (
@@ -197,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             client.close()
             stop_process(worker)
+    if not args.no_ensemble:
+        from bench.ensemble import run as run_ensemble
+
+        print("[bench] a 3-member soft-vote ensemble end to end...", flush=True)
+        results["ensemble"] = run_ensemble(
+            rows=rows // 10 if q else rows // 5, repeats=1 if q else 3, workdir=str(work / "ensemble")
+        )
     Path(args.out).write_text(json.dumps(results, indent=2))
     print_table(results)
     print(f"\nall figures: {args.out}")
@@ -230,6 +238,14 @@ def print_table(results: dict[str, Any]) -> None:
         )
         print(f"  model inside worker at formed batch: {fig['worker_model_efficiency']:.2f}x in-process")
         print(f"  latency, 1-row jobs at 100/s: p50 {fig['latency_p50_ms']:.1f} ms, p99 {fig['latency_p99_ms']:.1f} ms")
+    ens = results.get("ensemble")
+    if ens:
+        print(f"\nensemble (soft vote of {', '.join(ens['members'])}), {ens['rows']:,} rows:")
+        print(f"  members + fusion in-process, summed  {ens['inprocess_rows_s']:10,.0f} rows/s")
+        print(
+            f"  hetbatch end to end                  {ens['ensemble_e2e_rows_s']:10,.0f} rows/s"
+            f"  ({ens['inprocess_sum_s_over_e2e_s']:.2f}x; labels equal {ens['labels_equal']:,}/{ens['rows']:,})"
+        )
 
 
 if __name__ == "__main__":

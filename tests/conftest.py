@@ -25,6 +25,14 @@ def redis_url() -> Iterator[str]:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def private_redis() -> Iterator[str]:
+    """A redis-server of the test module's own, for tests that count or restart things."""
+    server = RedisServer()
+    yield server.url
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("hetbatch")

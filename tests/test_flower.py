@@ -22,17 +22,10 @@ from producers.schema import to_table
 from producers.wire import encode_table
 from tests.helpers import ROOT, WorkerProcess, column, register
 from tests.models import Built, sklearn_model
-from worker.redis_server import RedisServer, free_port
+from worker.redis_server import free_port
 
 USER, PASSWORD = "operator", "flower-test-pw"
 WORKER = "flower-test@localhost"
-
-
-@pytest.fixture(scope="module")
-def private_redis() -> Iterator[str]:
-    server = RedisServer()
-    yield server.url
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -21,17 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from producers import Client, ClientSettings, JobFailed, PayloadTooLarge
 from tests.helpers import ROOT, WorkerProcess, column, register
 from tests.models import Built, sklearn_model
-from worker.redis_server import RedisServer, free_port
+from worker.redis_server import free_port
 
 WORKER_MAX_PAYLOAD_BYTES = 20_000
 SIZES = (10, 40, 150)
-
-
-@pytest.fixture(scope="module")
-def private_redis() -> Iterator[str]:
-    server = RedisServer()
-    yield server.url
-    server.stop()
 
 
 @pytest.fixture(scope="module")

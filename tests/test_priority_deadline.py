@@ -24,16 +24,8 @@ from producers import Client, ClientSettings, JobExpired, Status
 from producers.wire import decode_notice
 from tests.helpers import ROOT, WorkerProcess, column, register
 from tests.models import Built, sklearn_model
-from worker.redis_server import RedisServer
 
 INPUT_TTL_S, RESULT_TTL_S = 600, 120
-
-
-@pytest.fixture(scope="module")
-def private_redis() -> Iterator[str]:
-    server = RedisServer()
-    yield server.url
-    server.stop()
 
 
 @pytest.fixture(scope="module")
