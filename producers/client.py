@@ -23,6 +23,7 @@ from producers.errors import (
     JobFailed,
     JobLost,
     JobTimeout,
+    PayloadError,
     PayloadTooLarge,
     RemoteError,
     SchemaMismatch,
@@ -51,6 +52,7 @@ __all__ = ["Client", "Job", "assemble", "make_producer_app", "status_of"]
 
 _PRIORITIES = {"high": 0, "normal": 5, "low": 9}
 _FLUSH_BYTES = 1 << 20
+_WAKE = b"wake"  # pushed on the reply list by close(): not a notice
 
 
 def _priority(name: str) -> int:
@@ -216,7 +218,15 @@ class Client:
         """Stop the reply listener and release connections."""
         self._closed.set()
         if self._listener is not None:
+            try:  # wake the listener's BLPOP now rather than at its 1 s timeout
+                self.redis.lpush(self._reply_key, _WAKE)
+            except redis.RedisError:
+                pass
             self._listener.join(timeout=5)
+            try:
+                self.redis.delete(self._reply_key)
+            except redis.RedisError:
+                pass
         self.redis.close()
         if self._celery is not None:
             self._celery.close()
@@ -580,7 +590,12 @@ class Client:
                 continue
             with self._lock:
                 for raw in batch:
-                    notice = decode_notice(raw)
+                    if raw == _WAKE:
+                        continue
+                    try:
+                        notice = decode_notice(raw)
+                    except PayloadError:
+                        continue  # not ours to answer; the job's stored result is read by _collect
                     waiter = self._waiters.get(notice.job_id)
                     if waiter is not None:
                         waiter.add(notice.chunk, notice.result)
