@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -82,31 +80,9 @@ def _build(root: Path) -> tuple[dict[str, Callable[[np.ndarray], dict[str, np.nd
     return calls, X
 
 
-def _start_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, HETBATCH_REDIS_URL=url, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    argv = [
-        sys.executable,
-        "-m",
-        "worker.cli",
-        "worker",
-        "--pool",
-        "cpu",
-        "--loglevel",
-        "INFO",
-    ]  # " ready." is logged at INFO
-    proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=root)
-    deadline = time.monotonic() + 90
-    while b" ready." not in log.read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the worker did not start; its log:\n{log.read_text()}")
-        time.sleep(0.1)
-    return proc
-
-
 def run(rows: int = 100_000, repeats: int = 3, workdir: str = ".bench/ensemble") -> dict[str, Any]:
     """Measure; returns the figures (also what ``--json`` writes)."""
+    from bench.setup import start_worker, stop_process
     from producers import Client
     from worker.ensemble import result_arrays
     from worker.fusion import MemberOutput, fuse
@@ -146,14 +122,13 @@ def run(rows: int = 100_000, repeats: int = 3, workdir: str = ".bench/ensemble")
         for n in calls:
             register_path(client.registry, root / n)
         register_path(client.registry, ens)
-        worker = _start_worker(server.url, root / "worker.log")
+        worker = start_worker(server.url, root / "worker.log")
         try:
             client.predict("bench-ens", X[:256], timeout_s=300)  # load the members on the worker
             e2e_s = _median_s(lambda: client.predict("bench-ens", X, timeout_s=600), repeats)
             got = result_arrays(client.predict("bench-ens", X, timeout_s=600))
         finally:
-            worker.terminate()
-            worker.wait(timeout=30)
+            stop_process(worker)
     members_sum_s = sum(member_s.values())
     return {
         "rows": rows,
