@@ -30,9 +30,9 @@ def _build_models(root: Path) -> tuple[Any, list[str]]:
 
     from worker.registration import write_config
 
-    frame, y = load_breast_cancer(return_X_y=True, as_frame=True)
-    features = [c.replace(" ", "_") for c in frame.columns]
-    X = frame.to_numpy(np.float32)
+    data = load_breast_cancer()  # no as_frame: the demo needs no pandas
+    features = [str(c).replace(" ", "_") for c in data.feature_names]
+    X, y = data.data.astype(np.float32), data.target
     forest = RandomForestClassifier(n_estimators=50, max_depth=10, random_state=0).fit(X, y)
     (root / "forest").mkdir(parents=True, exist_ok=True)
     sio.dump(forest, root / "forest" / "model.skops")
