@@ -25,7 +25,7 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.pool import Heartbeat, pool_env, spawn_gpu_workers
+    from worker.pool import pool_env, spawn_gpu_workers
     from worker.settings import WorkerSettings
 
     gpus = [g.strip() for g in (args.gpus or "").split(",") if g.strip()]
@@ -67,11 +67,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         "--without-mingle",
         "--without-gossip",
     ]
-    heartbeat = Heartbeat(settings).start()
-    try:
-        app.worker_main(argv)
-    finally:
-        heartbeat.stop()
+    app.worker_main(argv)
     return 0
 
 

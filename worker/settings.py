@@ -45,8 +45,6 @@ class WorkerSettings:
     """Longest a task waits for its batch before failing its items."""
     metrics_port: int = 0
     """Prometheus endpoint port (0: off)."""
-    heartbeat_ttl_s: float = 15.0
-    """A worker's liveness key per queue lives this long after its last refresh."""
     metrics_address: str = "0.0.0.0"
     """Interface the Prometheus endpoint listens on."""
     heartbeat_interval_s: float = 5.0

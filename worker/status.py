@@ -49,8 +49,13 @@ def queue_depths(client: redis.Redis, queues: Iterable[str]) -> dict[str, dict[i
     return {queue: {step: int(next(counts)) for step in PRIORITY_STEPS} for queue in names}
 
 
+# Delete a liveness key only while it still holds this worker's name.
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
 class Heartbeat:
-    """A thread that keeps this worker's status record fresh in Redis."""
+    """A thread that keeps this worker's status record, and the liveness key of each queue
+    it consumes (``Keys.alive``: the client's gpu fallback routing reads it), fresh in Redis."""
 
     def __init__(
         self,
@@ -63,6 +68,7 @@ class Heartbeat:
     ) -> None:
         self._client = client
         self._key = _heartbeat_key(keys, name)
+        self._alive = [keys.alive(q) for q in settings.queue_names]
         self._name = name
         self._settings = settings
         self._loaded = loaded
@@ -85,7 +91,11 @@ class Heartbeat:
 
     def beat(self) -> None:
         ttl_ms = max(1000, int(self._settings.heartbeat_interval_s * 3000))
-        self._client.set(self._key, json.dumps(self.record()), px=ttl_ms)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(self._key, json.dumps(self.record()), px=ttl_ms)
+        for key in self._alive:
+            pipe.set(key, self._name, px=ttl_ms)
+        pipe.execute()
 
     def start(self) -> Heartbeat:
         self._thread.start()
@@ -94,8 +104,10 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        with contextlib.suppress(redis.RedisError):  # the TTL removes it anyway
+        with contextlib.suppress(redis.RedisError):  # the TTLs remove them anyway
             self._client.delete(self._key)
+            for key in self._alive:  # another worker of the same queue may own it now
+                self._client.eval(_RELEASE, 1, key, self._name)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
