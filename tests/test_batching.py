@@ -120,3 +120,30 @@ def test_a_lone_request_does_not_wait_when_nothing_else_is_coming() -> None:
     batcher.submit({"x": np.ones((1, 1))}, 1).result(timeout=5)
     assert time.monotonic() - started < 1.0
     batcher.close()
+
+
+def test_a_lone_request_runs_on_the_callers_thread_and_a_busy_model_queues() -> None:
+    """Nothing queued or on its way: no hand-off to the batcher thread (latency). While a
+    call runs, the next request waits for the batcher instead of calling the model twice."""
+    threads: list[str] = []
+    release = threading.Event()
+
+    def record(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        threads.append(threading.current_thread().name)
+        if len(threads) == 1:
+            release.wait(5)
+        return double(inputs)
+
+    batcher, stats = _batcher(record, incoming=lambda: 0)
+    first = threading.Thread(target=lambda: batcher.submit({"x": np.ones((1, 1))}, 1), name="caller")
+    first.start()
+    while not threads:
+        pass
+    second = batcher.submit({"x": np.ones((2, 1))}, 2)  # the model is busy: queued
+    assert not second.done()
+    release.set()
+    first.join()
+    np.testing.assert_array_equal(second.result(timeout=5)["y"], np.full((2, 1), 2.0))
+    assert threads[0] == "caller" and threads[1].startswith("batcher-")
+    assert [s.rows for s in stats] == [1, 2]
+    batcher.close()

@@ -38,7 +38,7 @@ def make_app(settings: WorkerSettings) -> Celery:
         task_acks_on_failure_or_timeout=True,
         task_ignore_result=True,
         worker_prefetch_multiplier=settings.prefetch_multiplier,
-        worker_send_task_events=True,
+        worker_send_task_events=settings.task_events,
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,

@@ -139,13 +139,27 @@ class Batcher:
         self._incoming = incoming
         self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._held: Request | None = None
+        # Held during every model call: a request that finds the model idle, with nothing
+        # queued or on its way, runs on the caller's thread (no hand-off: low latency).
+        self._busy = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> Future[Arrays]:
         req = Request(inputs, rows)
+        if self._idle() and self._busy.acquire(blocking=False):
+            try:
+                if self._idle():
+                    self._run([req])
+                    return req.future
+            finally:
+                self._busy.release()
         self._queue.put(req)
         return req.future
+
+    def _idle(self) -> bool:
+        incoming = self._incoming() if self._incoming is not None else 1
+        return incoming == 0 and self._queue.empty() and self._held is None
 
     def close(self) -> None:
         self._queue.put(None)
@@ -164,7 +178,7 @@ class Batcher:
         batch, rows = [first], first.rows
         deadline = time.monotonic() + self.max_delay_s
         while rows < self.max_batch_rows:
-            if self._incoming is not None and self._incoming() == 0 and self._queue.empty() and self._held is None:
+            if self._idle():
                 break  # nothing else is on its way: waiting would only add latency
             try:
                 req = self._next(deadline - time.monotonic())
@@ -185,7 +199,8 @@ class Batcher:
             batch = self._gather()
             if batch is None:
                 return
-            self._run(batch)
+            with self._busy:
+                self._run(batch)
 
     def _run(self, batch: list[Request]) -> None:
         started = time.monotonic()

@@ -59,13 +59,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         str(settings.concurrency),
         "-Q",
         ",".join(settings.queue_names),
-        "-E",
         "-n",
         name,
         "--loglevel",
         args.loglevel,
         "--without-mingle",
         "--without-gossip",
+        *(["-E"] if settings.task_events else []),
     ]
     app.worker_main(argv)
     return 0

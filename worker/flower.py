@@ -1,6 +1,6 @@
 """``hetbatch flower``: Flower on the workers' own Celery app, with basic auth by default.
 
-Workers send task events (``-E``); Flower shows each task's ``argsrepr``, which the
+Flower turns the workers' task events on while it watches; it shows each task's ``argsrepr``, which the
 producer sets to ``TaskEnvelope.describe()`` (model, job id, rows), so payload bytes,
 inline base64 included, never reach Flower. Credentials come from
 ``HETBATCH_FLOWER_USER`` / ``HETBATCH_FLOWER_PASSWORD`` and are handed to Flower

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -76,6 +77,9 @@ class Runtime:
         # Tasks attempted before run one at a time: if one kills the worker, no other
         # retried task dies with it and is wrongly counted towards the attempt cap.
         self._isolation = threading.Lock()
+        self._stats: queue.SimpleQueue[tuple[str, BatchStats] | None] = queue.SimpleQueue()
+        self._stats_thread = threading.Thread(target=self._write_stats, name="batch-stats", daemon=True)
+        self._stats_thread.start()
 
     def handle(self, body: Any) -> dict[str, Any]:
         """Run one task body; returns a small summary (what Flower shows as the result)."""
@@ -251,20 +255,38 @@ class Runtime:
 
     def _record_batch(self, spec: ModelSpec, stats: BatchStats) -> None:
         self.metrics.observe_batch(spec.ref, stats)
-        key = f"{self.keys.prefix}:stats:{spec.ref}"
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hincrby(key, "batches", 1)
-        pipe.hincrby(key, "rows", stats.rows)
-        pipe.hincrby(key, "requests", stats.requests)
-        pipe.hincrbyfloat(key, "compute_s", stats.compute_s)
-        pipe.hincrbyfloat(key, "queue_wait_s", stats.queue_wait_s)
-        try:
-            pipe.execute()
-        except redis.RedisError as exc:
-            # Runs on the batcher thread: a Redis restart must cost a statistic, not the batcher.
-            log.info("batch stats for %s not recorded: %s", spec.ref, exc)
+        self._stats.put((spec.ref, stats))
+
+    def _write_stats(self) -> None:
+        """Batch stats go to Redis from this thread: a model call never waits on that write."""
+        while True:
+            first = self._stats.get()
+            if first is None:
+                return
+            batch: list[tuple[str, BatchStats] | None] = [first]
+            while not self._stats.empty() and len(batch) < 1000:
+                batch.append(self._stats.get())
+            pipe = self.redis.pipeline(transaction=False)
+            for entry in batch:
+                if entry is None:
+                    self._stats.put(None)
+                    break
+                ref, stats = entry
+                key = f"{self.keys.prefix}:stats:{ref}"
+                pipe.hincrby(key, "batches", 1)
+                pipe.hincrby(key, "rows", stats.rows)
+                pipe.hincrby(key, "requests", stats.requests)
+                pipe.hincrbyfloat(key, "compute_s", stats.compute_s)
+                pipe.hincrbyfloat(key, "queue_wait_s", stats.queue_wait_s)
+            try:
+                pipe.execute()
+            except redis.RedisError as exc:
+                # A Redis restart must cost a statistic, not the writer.
+                log.info("batch stats not recorded: %s", exc)
 
     def close(self) -> None:
         self.metrics.stop()
         self.models.close()
+        self._stats.put(None)
+        self._stats_thread.join(timeout=5)
         self.redis.close()

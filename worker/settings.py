@@ -51,6 +51,9 @@ class WorkerSettings:
     """How often the worker writes its status (pool, queues, loaded models) to Redis."""
     max_result_bytes: int = 256 * 1024 * 1024
     """Largest stored result of one chunk (a Redis string holds 512 MB at most)."""
+    task_events: bool = False
+    """Send Celery task events from the start. Off by default: each costs three Redis round
+    trips per task, and Flower turns them on by itself while it watches (its enable_events)."""
     flower_user: str = ""
     """Flower basic-auth user (``hetbatch flower`` refuses to start without one)."""
     flower_password: str = ""
