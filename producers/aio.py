@@ -40,6 +40,7 @@ class AsyncJob:
         self.model = job.model
         self.chunks = job.chunks
         self.rows = job.rows
+        self.unit = job.unit
         self._client = client
         self._job = job
 
@@ -52,21 +53,25 @@ class AsyncJob:
         Raises:
             JobFailed, JobExpired, JobTimeout: as ``Job.result``.
         """
-        return assemble(self.id, self.chunks, await self._client._collect(self, timeout_s))
+        pack = self._job.pack
+        if pack is None:
+            return assemble(self.id, self.chunks, await self._client._collect(self, timeout_s))
+        data = None if pack.loaded else (await self._client._collect(self, timeout_s))[0]
+        return pack.table(self.id, self._job.index, data)
 
     async def status(self) -> Status:
         """Where the job stands, read from Redis (no waiting)."""
         r, keys = self._client._redis, self._client.keys
-        stored = cast(list[bytes | None], await r.mget([keys.result(self.id, c) for c in range(self.chunks)]))
-        recorded = all(v is not None for v in stored) or bool(await r.exists(keys.job(self.id)))
-        return status_of(stored, recorded)
+        stored = cast(list[bytes | None], await r.mget([keys.result(self.unit, c) for c in range(self.chunks)]))
+        recorded = all(v is not None for v in stored) or bool(await r.exists(keys.job(self.unit)))
+        return status_of(stored, recorded, self._job.index if self._job.pack is not None else None)
 
     async def done(self) -> bool:
         return await self.status() in (Status.DONE, Status.FAILED, Status.EXPIRED)
 
     async def delete(self) -> int:
         """Drop the job's record, inputs and results from Redis now; returns keys deleted."""
-        self._client._waiters.pop(self.id, None)
+        self._client._waiters.pop(self.unit, None)
         return await asyncio.to_thread(self._job.delete)
 
 
@@ -175,10 +180,11 @@ class AsyncClient:
     # -- internals -----------------------------------------------------------
 
     def _track(self, job: Job, listen: bool = True) -> AsyncJob:
-        self._waiters[job.id] = self._early.pop(job.id, {})
-        self._events[job.id] = asyncio.Event()
-        if len(self._waiters[job.id]) >= job.chunks:
-            self._events[job.id].set()
+        if job.unit not in self._waiters:  # the jobs of a pack share their pack's notice
+            self._waiters[job.unit] = self._early.pop(job.unit, {})
+            self._events[job.unit] = asyncio.Event()
+            if len(self._waiters[job.unit]) >= job.chunks:
+                self._events[job.unit].set()
         if listen and self._listener is None:
             self._listener = asyncio.create_task(self._listen(), name="hetbatch-replies")
         return AsyncJob(self, job)
@@ -209,18 +215,19 @@ class AsyncClient:
 
     async def _collect(self, job: AsyncJob, timeout_s: float | None) -> dict[int, bytes]:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        payloads = self._waiters.setdefault(job.id, {})
-        event = self._events.setdefault(job.id, asyncio.Event())
+        unit = job.unit
+        payloads = self._waiters.setdefault(unit, {})
+        event = self._events.setdefault(unit, asyncio.Event())
         while True:
             missing = [c for c in range(job.chunks) if payloads.get(c) is None]
             if missing:
                 stored = cast(
-                    list[bytes | None], await self._redis.mget([self.keys.result(job.id, c) for c in missing])
+                    list[bytes | None], await self._redis.mget([self.keys.result(unit, c) for c in missing])
                 )
                 payloads.update({c: v for c, v in zip(missing, stored, strict=True) if v is not None})
             if all(payloads.get(c) is not None for c in range(job.chunks)):
-                self._waiters.pop(job.id, None)
-                self._events.pop(job.id, None)
+                self._waiters.pop(unit, None)
+                self._events.pop(unit, None)
                 return {c: v for c, v in payloads.items() if v is not None}
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:

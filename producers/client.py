@@ -43,12 +43,14 @@ from producers.wire import (
     Status,
     TaskEnvelope,
     decode_notice,
+    decode_pack_result,
     decode_result,
     encode_table,
+    pack_header,
     queue_for,
 )
 
-__all__ = ["Client", "Job", "assemble", "make_producer_app", "status_of"]
+__all__ = ["Client", "Job", "Pack", "assemble", "make_producer_app", "status_of"]
 
 _PRIORITIES = {"high": 0, "normal": 5, "low": 9}
 _FLUSH_BYTES = 1 << 20
@@ -97,11 +99,17 @@ def assemble(job_id: str, chunks: int, parts: dict[int, bytes]) -> pa.Table:
     return unwrap_tensors(table)
 
 
-def status_of(stored: Sequence[bytes | None], recorded: bool) -> Status:
-    """A job's status from its chunks' stored results and whether its record exists."""
+def status_of(stored: Sequence[bytes | None], recorded: bool, index: int | None = None) -> Status:
+    """A job's status from its chunks' stored results and whether its record exists;
+    ``index``: the job's place in its pack (the one stored result is the pack's)."""
     if any(v is None for v in stored):
         return Status.PENDING if recorded else Status.LOST
     for value in stored:
+        if index is not None and value is not None and value[:1] == b"P":
+            got = pack_header(value)[index]
+            if isinstance(got, RemoteError):
+                return Status.EXPIRED if got.type == "JobExpired" else Status.FAILED
+            continue
         if value is not None and value[:1] == b"E":
             decoded = decode_result(value)
             assert isinstance(decoded, RemoteError)
@@ -125,14 +133,61 @@ class _Waiter:
                 self.done.set()
 
 
-class Job:
-    """A submitted job; ``result()`` waits for all its chunks and reassembles them."""
+class Pack:
+    """The jobs of one ``submit_many`` task share one stored result: read and decoded once."""
 
-    def __init__(self, client: Client, job_id: str, model: str, chunks: int, rows: int) -> None:
+    def __init__(self, pack_id: str) -> None:
+        self.id = pack_id
+        self._results: list[pa.Table | RemoteError] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._results is not None
+
+    def table(self, job_id: str, index: int, data: bytes | None) -> pa.Table:
+        """Job ``index``'s outputs (decoding ``data``, the pack's stored result, on first use).
+
+        Raises:
+            JobFailed, JobExpired: as ``Job.result``.
+        """
+        with self._lock:
+            if self._results is None:
+                if data is None:
+                    raise JobLost(job_id, f"the result of its pack {self.id} is gone")
+                self._results = decode_pack_result(data)
+            got = self._results[index]
+        if isinstance(got, RemoteError):
+            if got.type == "JobExpired":
+                raise JobExpired(job_id, got.message)
+            raise JobFailed(job_id, got)
+        return unwrap_tensors(got)
+
+
+class Job:
+    """A submitted job; ``result()`` waits for all its chunks and reassembles them.
+
+    A job of ``submit_many`` is item ``index`` of a ``pack``: its result is stored with
+    the pack's other jobs, under the pack's id (its ``unit``).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        job_id: str,
+        model: str,
+        chunks: int,
+        rows: int,
+        pack: Pack | None = None,
+        index: int = 0,
+    ) -> None:
         self.id = job_id
         self.model = model
         self.chunks = chunks
         self.rows = rows
+        self.pack = pack
+        self.index = index
+        self.unit = pack.id if pack is not None else job_id
         self._client = client
 
     def __repr__(self) -> str:
@@ -146,7 +201,10 @@ class Job:
             JobExpired: the deadline passed before it ran.
             JobTimeout: not finished within ``timeout_s``.
         """
-        return assemble(self.id, self.chunks, self._client._collect(self, timeout_s))
+        if self.pack is None:
+            return assemble(self.id, self.chunks, self._client._collect(self, timeout_s))
+        data = None if self.pack.loaded else self._client._collect(self, timeout_s)[0]
+        return self.pack.table(self.id, self.index, data)
 
     def status(self) -> Status:
         """Where the job stands, read from Redis (no waiting)."""
@@ -157,13 +215,17 @@ class Job:
 
     def attempts(self) -> list[Attempt]:
         """Every start of this job's chunks by a worker (worker, time, attempt number), oldest first."""
-        return self._client.ledger.attempts(self.id)
+        return self._client.ledger.attempts(self.unit)
 
     def delete(self) -> int:
-        """Drop the job's record, inputs and results from Redis now; returns keys deleted."""
+        """Drop the job's record, inputs and results from Redis now; returns keys deleted.
+
+        A job of ``submit_many`` shares them with its pack: this drops the pack's (read
+        the other jobs' results first; a result read before stays readable).
+        """
         with self._client._lock:
-            self._client._waiters.pop(self.id, None)
-        return delete_job(self._client.redis, self._client.keys, self.id, self.chunks)
+            self._client._waiters.pop(self.unit, None)
+        return delete_job(self._client.redis, self._client.keys, self.unit, self.chunks)
 
 
 class Client:
@@ -285,11 +347,12 @@ class Client:
         step = chunk_rows or self.settings.chunk_rows
         starts = range(0, table.num_rows, step)
         queue = self._route(spec)
-        job = self._track(uuid.uuid4().hex, spec.ref, len(starts), table.num_rows)
+        job = Job(self, uuid.uuid4().hex, spec.ref, len(starts), table.num_rows)
+        self._track(job.id, job.chunks)
         deadline = time.time() + deadline_s if deadline_s is not None else None
         pipe = self.redis.pipeline(transaction=False)
         outbox: list[TaskEnvelope] = []
-        self._record_job(pipe, job)
+        self._record(pipe, job.id, job.model, job.chunks, job.rows)
         buffered = 0
         try:
             for chunk, start in enumerate(starts):
@@ -338,23 +401,30 @@ class Client:
         deadline = time.time() + deadline_s if deadline_s is not None else None
         jobs: list[Job] = []
         pack: list[dict[str, np.ndarray]] = []
-        items: list[Item] = []
-        pack_rows_now = 0
+        sizes: list[int] = []
         pipe = self.redis.pipeline(transaction=False)
         outbox: list[TaskEnvelope] = []
+        packs: list[str] = []
+        current = Pack(uuid.uuid4().hex)
+        rows_now = 0
 
         def flush() -> None:
-            nonlocal pack_rows_now
-            if not items:
+            nonlocal current, rows_now
+            if not sizes:
                 return
+            pack_id = current.id
             names = list(pack[0])
             merged = {n: np.concatenate([p[n] for p in pack]) if len(pack) > 1 else pack[0][n] for n in names}
             blob = encode_table(arrays_to_table(merged))
-            env = self._envelope(spec, items, blob, self.keys.pack(uuid.uuid4().hex), pipe, deadline)
+            items = [Item(f"{pack_id}-{i}", 0, rows) for i, rows in enumerate(sizes)]
+            self._record(pipe, pack_id, spec.ref, 1, rows_now, sizes)
+            env = self._envelope(spec, items, blob, self.keys.input(pack_id, 0), pipe, deadline, pack=pack_id)
             self._enqueue(pipe, queue, env, level, outbox)
+            packs.append(pack_id)
             pack.clear()
-            items.clear()
-            pack_rows_now = 0
+            sizes.clear()
+            rows_now = 0
+            current = Pack(uuid.uuid4().hex)
 
         try:
             for position, data in enumerate(datas):
@@ -365,19 +435,19 @@ class Client:
                 rows = len(next(iter(arrays.values())))
                 if rows == 0:
                     raise SchemaMismatch(f"job #{position} of submit_many has no rows; nothing to predict")
-                if pack_rows_now + rows > limit:
+                if rows_now + rows > limit:
                     flush()
-                job = self._track(uuid.uuid4().hex, spec.ref, 1, rows)
-                jobs.append(job)
-                self._record_job(pipe, job)
+                if not sizes:
+                    self._track(current.id, 1)
+                jobs.append(Job(self, f"{current.id}-{len(sizes)}", spec.ref, 1, rows, current, len(sizes)))
                 pack.append(arrays)
-                items.append(Item(job.id, 0, rows))
-                pack_rows_now += rows
+                sizes.append(rows)
+                rows_now += rows
             flush()
             self._execute(pipe, outbox)
         except Exception:
-            for job in jobs:
-                self._untrack(job.id)
+            for pack_id in {*packs, current.id}:
+                self._untrack(pack_id)
             raise
         return jobs
 
@@ -436,10 +506,14 @@ class Client:
         Raises:
             JobFailed: no record of that job (unknown id or expired).
         """
-        raw = cast(bytes | None, self.redis.get(self.keys.job(job_id)))
-        if raw is None:
+        unit, _, index = job_id.rpartition("-") if "-" in job_id else (job_id, "", "")
+        raw = cast(bytes | None, self.redis.get(self.keys.job(unit)))
+        meta = json.loads(raw) if raw is not None else {}
+        sizes = meta.get("pack") or []
+        if raw is None or (index and not (index.isdigit() and int(index) < len(sizes))):
             raise JobFailed(job_id, RemoteError("JobLost", "no record of this job: unknown id or expired"))
-        meta = json.loads(raw)
+        if index:
+            return Job(self, job_id, str(meta["model"]), 1, int(sizes[int(index)]), Pack(unit), int(index))
         return Job(self, job_id, str(meta["model"]), int(meta["chunks"]), int(meta["rows"]))
 
     # -- internals -----------------------------------------------------------
@@ -458,11 +532,17 @@ class Client:
         key: str,
         pipe: Any,
         deadline: float | None,
+        pack: str | None = None,
     ) -> TaskEnvelope:
         if len(blob) > self.settings.max_payload_bytes:
             raise PayloadTooLarge(len(blob), self.settings.max_payload_bytes)
         common: dict[str, Any] = dict(
-            model=spec.name, version=spec.version, items=tuple(items), reply_to=self._reply_key, deadline=deadline
+            model=spec.name,
+            version=spec.version,
+            items=tuple(items),
+            reply_to=self._reply_key,
+            deadline=deadline,
+            pack=pack,
         )
         if len(blob) <= self.settings.inline_max_bytes:
             return TaskEnvelope(payload_b64=base64.b64encode(blob).decode(), **common)
@@ -488,11 +568,12 @@ class Client:
         table = self._prepare(spec, data, cast)
         step = chunk_rows or self.settings.chunk_rows
         starts = range(0, table.num_rows, step)
-        job = self._track(uuid.uuid4().hex, spec.ref, len(starts), table.num_rows)
+        job = Job(self, uuid.uuid4().hex, spec.ref, len(starts), table.num_rows)
+        self._track(job.id, job.chunks)
         deadline = time.time() + deadline_s if deadline_s is not None else None
         pipe = self.redis.pipeline(transaction=False)
         outbox: list[TaskEnvelope] = []
-        self._record_job(pipe, job)
+        self._record(pipe, job.id, job.model, job.chunks, job.rows)
         try:
             for chunk, start in enumerate(starts):
                 plan = plan_stage(
@@ -519,11 +600,15 @@ class Client:
             raise
         return job
 
-    def _record_job(self, pipe: Any, job: Job) -> None:
-        """The job's ledger record, written before its task is published."""
-        meta = {"model": job.model, "chunks": job.chunks, "rows": job.rows, "created": time.time()}
-        # execute_command skips redis-py's per-call argument wrappers: this runs once per small job.
-        pipe.execute_command("SET", self.keys.job(job.id), json.dumps(meta), "EX", self.settings.result_ttl_s)
+    def _record(
+        self, pipe: Any, unit: str, model: str, chunks: int, rows: int, pack: list[int] | None = None
+    ) -> None:
+        """The record of a job (or of a pack: its jobs' rows), written before its tasks are published."""
+        meta: dict[str, Any] = {"model": model, "chunks": chunks, "rows": rows, "created": time.time()}
+        if pack is not None:
+            meta["pack"] = pack
+        # execute_command skips redis-py's per-call argument wrappers.
+        pipe.execute_command("SET", self.keys.job(unit), json.dumps(meta), "EX", self.settings.result_ttl_s)
 
     def _enqueue(self, pipe: Any, queue: str, env: TaskEnvelope, level: int, outbox: list[TaskEnvelope]) -> None:
         """Queue the task's ledger record, then its message, on ``pipe``."""
@@ -566,15 +651,15 @@ class Client:
         with self._lock:
             self._waiters.pop(job_id, None)
 
-    def _track(self, job_id: str, ref: str, chunks: int, rows: int) -> Job:
+    def _track(self, unit: str, chunks: int) -> None:
+        """Wait for the reply notices of ``unit`` (a job, or a pack of jobs)."""
         if not self._listen_replies:  # results are read from their keys
-            return Job(self, job_id, ref, chunks, rows)
+            return
         with self._lock:
-            self._waiters[job_id] = _Waiter(chunks)
+            self._waiters[unit] = _Waiter(chunks)
             if self._listener is None:
                 self._listener = threading.Thread(target=self._listen, name="hetbatch-replies", daemon=True)
                 self._listener.start()
-        return Job(self, job_id, ref, chunks, rows)
 
     def _listen(self) -> None:
         conn = redis.Redis.from_url(self.settings.redis_url)
@@ -602,8 +687,9 @@ class Client:
         conn.close()
 
     def _collect(self, job: Job, timeout_s: float | None) -> dict[int, bytes]:
-        """Wait for every chunk of ``job`` and return its stored result bytes."""
-        waiter = self._waiters.get(job.id)
+        """Wait for every chunk of ``job``'s unit (the job, or its pack) and return its stored result bytes."""
+        unit, chunks = job.unit, job.chunks
+        waiter = self._waiters.get(unit)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         payloads: dict[int, bytes | None] = {}
         while True:
@@ -614,32 +700,33 @@ class Client:
                 waiter.done.wait(timeout=1.0 if remaining is None else min(1.0, remaining))
                 with self._lock:
                     payloads = dict(waiter.payloads)
-            missing = [c for c in range(job.chunks) if payloads.get(c) is None]
+            missing = [c for c in range(chunks) if payloads.get(c) is None]
             try:
                 if missing:
-                    stored = cast(list[bytes | None], self.redis.mget([self.keys.result(job.id, c) for c in missing]))
+                    stored = cast(list[bytes | None], self.redis.mget([self.keys.result(unit, c) for c in missing]))
                     payloads.update({c: v for c, v in zip(missing, stored, strict=True) if v is not None})
-                if all(payloads.get(c) is not None for c in range(job.chunks)):
+                if all(payloads.get(c) is not None for c in range(chunks)):
                     with self._lock:
-                        self._waiters.pop(job.id, None)
+                        self._waiters.pop(unit, None)
                     return {c: v for c, v in payloads.items() if v is not None}
-                if missing and not self.redis.exists(self.keys.job(job.id)):
+                if missing and not self.redis.exists(self.keys.job(unit)):
                     # The job's record went with Redis (restart without persistence): no worker
                     # will ever answer, so say so instead of waiting.
                     raise JobLost(job.id, "its record vanished from Redis (restarted without persistence?)")
             except (redis.ConnectionError, redis.TimeoutError):
                 time.sleep(0.2)  # Redis restarting: keep waiting within timeout_s
             if deadline is not None and time.monotonic() >= deadline:
-                done = sum(1 for c in range(job.chunks) if payloads.get(c) is not None)
+                done = sum(1 for c in range(chunks) if payloads.get(c) is not None)
                 raise JobTimeout(
                     job.id,
-                    f"{done}/{job.chunks} chunks done after {timeout_s} s; are workers running for "
+                    f"{done}/{chunks} chunks done after {timeout_s} s; are workers running for "
                     f"model {job.model}? ('hetbatch status' shows queues and workers)",
                 )
             if waiter is None:
                 time.sleep(0.05)
 
     def _status(self, job: Job) -> Status:
-        stored = cast(list[bytes | None], self.redis.mget([self.keys.result(job.id, c) for c in range(job.chunks)]))
-        recorded = all(v is not None for v in stored) or bool(self.redis.exists(self.keys.job(job.id)))
-        return status_of(stored, recorded)
+        keys = [self.keys.result(job.unit, c) for c in range(job.chunks)]
+        stored = cast(list[bytes | None], self.redis.mget(keys))
+        recorded = all(v is not None for v in stored) or bool(self.redis.exists(self.keys.job(job.unit)))
+        return status_of(stored, recorded, job.index if job.pack is not None else None)

@@ -188,7 +188,7 @@ class Ledger:
         task_id = task_id_of(env)
         keys: list[str] = [self.lk.task(task_id), self.lk.stats()]
         chunks: list[str] = []
-        for item in env.items:
+        for item in env.units:
             keys += [self.keys.result(item.job_id, item.chunk), self.lk.attempts(item.job_id)]
             chunks.append(str(item.chunk))
         args: Sequence[str | int] = [ttl_s * 1000, int(claim), max_attempts, worker, repr(time.time()), task_id]

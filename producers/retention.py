@@ -92,6 +92,8 @@ def purge_model(client: redis.Redis, keys: Keys, name: str, queue: str) -> Purge
             if env is not None and env.get("model") == name:
                 matches.append(raw)
                 job_ids.update(str(item[0]) for item in env.get("items", []))
+                if env.get("pack"):  # a pack's jobs share one record and one result
+                    doomed.update((keys.job(str(env["pack"])), keys.result(str(env["pack"]), 0)))
                 if env.get("payload_key"):
                     doomed.add(str(env["payload_key"]))
         for raw in dict.fromkeys(matches):

@@ -38,13 +38,16 @@ __all__ = [
     "Status",
     "TaskEnvelope",
     "decode_notice",
+    "decode_pack_result",
     "decode_result",
     "decode_table",
     "encode_error",
     "encode_notice",
+    "encode_pack_result",
     "encode_result",
     "encode_results",
     "encode_table",
+    "pack_header",
     "queue_for",
 ]
 
@@ -70,6 +73,7 @@ CELERY_WIRE_CONFIG: dict[str, Any] = {
 
 _OK = b"A"  # result tag: Arrow IPC follows
 _ERR = b"E"  # result tag: JSON RemoteError follows
+_PACK = b"P"  # result tag: a pack's results: header length, JSON header, Arrow IPC of its ok rows
 
 
 class Status(str, Enum):
@@ -95,9 +99,6 @@ class Keys:
 
     def input(self, job_id: str, chunk: int) -> str:
         return f"{self.prefix}:in:{job_id}:{chunk}"
-
-    def pack(self, pack_id: str) -> str:
-        return f"{self.prefix}:in:{pack_id}"
 
     def result(self, job_id: str, chunk: int) -> str:
         return f"{self.prefix}:res:{job_id}:{chunk}"
@@ -143,10 +144,18 @@ class TaskEnvelope:
     # Optional: set on an ensemble member's task. The worker that stores the item's
     # result hands it to the ensemble step (producers/ensemble.py: Continuation).
     then: dict[str, Any] | None = None
+    # Optional: the id of a pack of small jobs (``Client.submit_many``). The items' results
+    # are then stored, announced and attempted together, as the one unit ``(pack, 0)``.
+    pack: str | None = None
 
     @property
     def rows(self) -> int:
         return sum(item.rows for item in self.items)
+
+    @property
+    def units(self) -> tuple[Item, ...]:
+        """What results are stored under (``Keys.result(job_id, chunk)``): each item, or the pack."""
+        return (Item(self.pack, 0, self.rows),) if self.pack is not None else self.items
 
     def describe(self) -> str:
         """Readable summary for logs and Flower: never the payload."""
@@ -160,7 +169,7 @@ class TaskEnvelope:
             "version": self.version,
             "items": [[i.job_id, i.chunk, i.rows] for i in self.items],
         }
-        for name in ("payload_key", "payload_b64", "reply_to", "deadline", "then"):
+        for name in ("payload_key", "payload_b64", "reply_to", "deadline", "then", "pack"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -190,6 +199,7 @@ class TaskEnvelope:
                 reply_to=_opt(data.get("reply_to"), str),
                 deadline=_opt(data.get("deadline"), (int, float)),
                 then=_opt(data.get("then"), dict),
+                pack=_opt(data.get("pack"), str) or None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PayloadError(f"malformed task envelope: {exc}") from exc
@@ -304,6 +314,67 @@ def decode_result(data: bytes) -> pa.Table | RemoteError:
         except (ValueError, KeyError, TypeError) as exc:
             raise PayloadError(f"stored error result is corrupt: {exc}") from exc
     raise PayloadError(f"stored result has unknown tag {tag!r}")
+
+
+def encode_pack_result(items: Sequence[int | RemoteError], tables: Sequence[pa.Table]) -> bytes:
+    """The stored result of a pack: per item in order, its row count or its error; the
+    succeeded items' rows are the rows of ``tables``, concatenated, in item order.
+
+    Layout: tag, 4-byte little-endian header length, JSON header (per item its row count
+    or its error), then one Arrow IPC stream of every succeeded item's rows.
+    """
+    header = [
+        n if isinstance(n, int) else {"type": n.type, "message": n.message, "details": n.details} for n in items
+    ]
+    head = json.dumps(header, default=str).encode()
+    body = b""
+    if tables:
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables).combine_chunks()
+        body = encode_table(table)
+    return _PACK + len(head).to_bytes(4, "little") + head + body
+
+
+def pack_header(data: bytes) -> list[int | RemoteError]:
+    """Per item of a stored pack result: its row count, or its error.
+
+    Raises:
+        PayloadError: ``data`` is not a pack result.
+    """
+    try:
+        if data[:1] != _PACK:
+            raise ValueError(f"tag {data[:1]!r}")
+        size = int.from_bytes(data[1:5], "little")
+        raw = json.loads(data[5 : 5 + size])
+        return [
+            n if isinstance(n, int) else RemoteError(str(n["type"]), str(n["message"]), dict(n.get("details") or {}))
+            for n in raw
+        ]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PayloadError(f"stored pack result is corrupt: {exc}") from exc
+
+
+def decode_pack_result(data: bytes) -> list[pa.Table | RemoteError]:
+    """Inverse of ``encode_pack_result``: each item's table (a zero-copy slice) or error.
+
+    Raises:
+        PayloadError: the stored bytes are not a valid pack result.
+    """
+    header = pack_header(data)
+    rows = sum(n for n in header if isinstance(n, int))
+    start = 5 + int.from_bytes(data[1:5], "little")
+    table = decode_result(_OK + data[start:]) if len(data) > start else None
+    if isinstance(table, RemoteError) or (0 if table is None else table.num_rows) != rows:
+        raise PayloadError(f"stored pack result does not hold the {rows} rows its header lists")
+    out: list[pa.Table | RemoteError] = []
+    offset = 0
+    for n in header:
+        if isinstance(n, int):
+            assert table is not None
+            out.append(table.slice(offset, n))
+            offset += n
+        else:
+            out.append(n)
+    return out
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 from producers import Client, JobFailed, ModelNotFound, SchemaMismatch
+from producers.client import Job
 from producers.wire import TASK_NAME, Item, TaskEnvelope, encode_table, queue_for
 from tests.helpers import WorkerProcess, column, register
 from tests.models import Built, sklearn_model
@@ -28,7 +29,8 @@ def iris(work_dir: Path, redis_url: str) -> Built:
 
 def send_raw(client: Client, model: str, version: str, payload: bytes, rows: int, queue: str = "sklearn.cpu") -> str:
     """Publish a task with arbitrary payload bytes straight onto a queue, as a hostile producer would."""
-    job = client._track(os.urandom(8).hex(), f"{model}@{version}", 1, rows)
+    job = Job(client, os.urandom(8).hex(), f"{model}@{version}", 1, rows)
+    client._track(job.id, 1)
     env = TaskEnvelope(
         model=model,
         version=version,

@@ -18,10 +18,10 @@ from typing import Any, cast
 
 import redis
 
-from producers.errors import RemoteError
+from producers.errors import PayloadError, RemoteError
 from producers.ledger import LedgerKeys, task_id_of
-from producers.wire import Keys, TaskEnvelope, encode_error
-from worker.results import Outcome, ResultWriter
+from producers.wire import Keys, TaskEnvelope, pack_header
+from worker.results import Done, Outcome, ResultWriter, outcomes_of
 
 __all__ = ["DeadLetter", "DeadLetters", "add_parser"]
 
@@ -69,7 +69,7 @@ class DeadLetters:
             f"('hetbatch dlq list' shows it, 'hetbatch dlq retry {task_id}' runs it again)",
             {"task": task_id, "attempts": attempts},
         )
-        outcomes = [Outcome(i.job_id, i.chunk, encode_error(error)) for i in env.items]
+        outcomes = outcomes_of(env, [Done(0, list(env.items), error=error)], max_bytes=1 << 62)
         self.writer.write(outcomes, env.reply_to)
         key = self.lk.task(task_id)
         pipe = self.redis.pipeline(transaction=True)
@@ -132,7 +132,7 @@ class DeadLetters:
                 continue
             body = json.loads(raw[b"env"])
             env = TaskEnvelope.from_dict(body)
-            result_keys = [self.keys.result(i.job_id, i.chunk) for i in env.items]
+            result_keys = [self.keys.result(i.job_id, i.chunk) for i in env.units]
             stored = cast(list[bytes | None], self.redis.mget(result_keys))
             poisoned = [k for k, v in zip(result_keys, stored, strict=True) if v is not None and _is_poison(v)]
             pipe = self.redis.pipeline(transaction=True)
@@ -163,6 +163,11 @@ class DeadLetters:
 
 
 def _is_poison(stored: bytes) -> bool:
+    if stored[:1] == b"P":
+        try:
+            return any(isinstance(n, RemoteError) and n.type == POISON for n in pack_header(stored))
+        except PayloadError:
+            return False
     if stored[:1] != b"E":
         return False
     try:

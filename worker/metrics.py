@@ -12,18 +12,16 @@ the queue depth is the signal for that.
 from __future__ import annotations
 
 import errno
-import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import redis
 
 from producers.errors import ConfigError
-from producers.wire import Item
 from worker.batching import BatchStats
 from worker.models import LoadedModel
-from worker.results import Outcome
+from worker.results import Done
 from worker.settings import WorkerSettings
 from worker.status import queue_depths
 
@@ -135,19 +133,17 @@ class WorkerMetrics:
             self._server.shutdown()
             self._server = None
 
-    def observe_outcomes(self, model: str, items: Iterable[Item], outcomes: Sequence[Outcome]) -> None:
-        """Count the finished chunks of one task (``model`` is ``name@version``)."""
+    def observe_done(self, model: str, done: Sequence[Done]) -> None:
+        """Count the finished jobs and rows of one task (``model`` is ``name@version``)."""
         if not self.enabled:
             return
-        rows = {(i.job_id, i.chunk): i.rows for i in items}
-        for out in outcomes:
-            outcome, kind = "ok", None
-            if out.result[:1] == b"E":
-                kind = _error_type(out.result)
-                outcome = "expired" if kind == "JobExpired" else "error"
-                self.errors.labels(model, kind).inc()
-            self.jobs.labels(model, outcome).inc()
-            self.rows.labels(model, outcome).inc(rows.get((out.job_id, out.chunk), 0))
+        for d in done:
+            outcome = "ok"
+            if d.error is not None:
+                outcome = "expired" if d.error.type == "JobExpired" else "error"
+                self.errors.labels(model, d.error.type).inc(len(d.items))
+            self.jobs.labels(model, outcome).inc(len(d.items))
+            self.rows.labels(model, outcome).inc(sum(item.rows for item in d.items))
 
     def observe_batch(self, model: str, stats: BatchStats) -> None:
         """Record one model call."""
@@ -157,10 +153,3 @@ class WorkerMetrics:
         self.batch_requests.labels(model).observe(stats.requests)
         self.queue_wait.labels(model).observe(stats.queue_wait_s)
         self.compute.labels(model).observe(stats.compute_s)
-
-
-def _error_type(result: bytes) -> str:
-    try:
-        return str(json.loads(result[1:])["type"])
-    except (ValueError, KeyError, TypeError):
-        return "Unknown"

@@ -199,7 +199,7 @@ class Reconciler:
         pipe = self.redis.pipeline(transaction=False)
         order = []
         for task_id, (env, *_rest) in entries.items():
-            for item in env.items:
+            for item in env.units:
                 pipe.exists(self.keys.result(item.job_id, item.chunk))
                 order.append(task_id)
         missing = {t for t, found in zip(order, pipe.execute(), strict=True) if not found}

@@ -6,11 +6,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import pyarrow as pa
 import redis
 
-from producers.wire import Keys, Notice, encode_notice
+from producers.errors import PayloadError, RemoteError
+from producers.wire import (
+    Item,
+    Keys,
+    Notice,
+    TaskEnvelope,
+    encode_error,
+    encode_notice,
+    encode_pack_result,
+    encode_results,
+)
 
-__all__ = ["Outcome", "ResultWriter"]
+__all__ = ["Done", "Outcome", "ResultWriter", "outcomes_of"]
 
 # KEYS[1]: reply list ('' for none). ARGV[1]: ttl in ms, then (key, value, notice) triples.
 _STORE = """
@@ -37,6 +48,57 @@ class Outcome:
     job_id: str
     chunk: int
     result: bytes
+
+
+@dataclass
+class Done:
+    """Items of a task that finished together: a run's outputs (``table`` holds every
+    item's rows, in order) or one item's ``error``. ``offset`` is the first item's row
+    in the task payload."""
+
+    offset: int
+    items: list[Item]
+    table: pa.Table | None = None
+    error: RemoteError | None = None
+
+
+def _too_big(size: int, limit: int) -> RemoteError:
+    return RemoteError.from_exception(
+        PayloadError(f"result of {size} bytes is over max_result_bytes={limit}; submit smaller chunks (chunk_rows)")
+    )
+
+
+def outcomes_of(env: TaskEnvelope, done: Sequence[Done], max_bytes: int) -> list[Outcome]:
+    """What to store for ``done``: one result per item, or for a pack, the pack's one result."""
+    ordered = sorted(done, key=lambda d: d.offset)
+    if env.pack is not None:
+        header: list[int | RemoteError] = []
+        tables = []
+        for d in ordered:
+            if d.table is None:
+                header += [d.error or RemoteError("Error", "no result")] * len(d.items)
+            else:
+                header += [item.rows for item in d.items]
+                tables.append(d.table)
+        data = encode_pack_result(header, tables)
+        if len(data) > max_bytes:
+            data = encode_pack_result([_too_big(len(data), max_bytes)] * len(env.items), [])
+        return [Outcome(env.pack, 0, data)]
+    out = []
+    for d in ordered:
+        if d.table is None:
+            error = encode_error(d.error or RemoteError("Error", "no result"))
+            out += [Outcome(item.job_id, item.chunk, error) for item in d.items]
+            continue
+        slices, start = [], 0
+        for item in d.items:
+            slices.append((start, item.rows))
+            start += item.rows
+        for item, data in zip(d.items, encode_results(d.table, slices), strict=True):
+            if len(data) > max_bytes:
+                data = encode_error(_too_big(len(data), max_bytes))
+            out.append(Outcome(item.job_id, item.chunk, data))
+    return out
 
 
 class ResultWriter:

@@ -25,13 +25,13 @@ from producers.errors import HetbatchError, JobExpired, JobLost, PayloadError, R
 from producers.ledger import Ledger, Start
 from producers.registry import ModelSpec, Registry
 from producers.schema import arrays_to_table, table_to_arrays
-from producers.wire import DEVICE_KEY, Item, Keys, TaskEnvelope, decode_table, encode_error, encode_results
+from producers.wire import DEVICE_KEY, Item, Keys, TaskEnvelope, decode_table
 from worker import status as _status  # noqa: F401  (connects the heartbeat to worker start)
 from worker.batching import Arrays, Arrivals, Batcher, BatchStats
 from worker.dlq import DeadLetters
 from worker.metrics import WorkerMetrics
 from worker.models import LoadedModel, ModelCache
-from worker.results import Outcome, ResultWriter
+from worker.results import Done, ResultWriter, outcomes_of
 from worker.settings import WorkerSettings
 
 __all__ = ["Runtime"]
@@ -39,13 +39,13 @@ __all__ = ["Runtime"]
 log = logging.getLogger(__name__)
 
 
-def _error(item: Item, exc: BaseException) -> Outcome:
-    return Outcome(item.job_id, item.chunk, encode_error(RemoteError.from_exception(exc)))
+def _error(offset: int, item: Item, exc: BaseException) -> Done:
+    return Done(offset, [item], error=RemoteError.from_exception(exc))
 
 
-def _check_finite(arrays: Mapping[str, np.ndarray], start: int, rows: int) -> None:
+def _check_finite(arrays: Mapping[str, np.ndarray], start: int = 0, rows: int | None = None) -> None:
     for name, arr in arrays.items():
-        if arr.dtype.kind == "f" and not np.isfinite(arr[start : start + rows]).all():
+        if arr.dtype.kind == "f" and not np.isfinite(arr[start : None if rows is None else start + rows]).all():
             raise SchemaMismatch(
                 "NaN or inf values, and this model rejects them",
                 column=name,
@@ -123,16 +123,17 @@ class Runtime:
             log.error("dead-lettering %s: %s", env.describe(), reason)
             self.dead_letters.bury(env, start.attempts, reason)
             return {"model": env.model, "dead_lettered": len(todo)}
-        outcomes = self._run(env, todo)
+        done = self._run(env, todo)
+        outcomes = outcomes_of(env, done, self.settings.max_result_bytes)
         stored = self.writer.write(outcomes, env.reply_to)
         if stored < len(outcomes):  # another execution of the same items finished first
             self.ledger.count("duplicate_results", len(outcomes) - stored)
         self._after_store(env)
-        self.metrics.observe_outcomes(f"{env.model}@{env.version}", env.items, outcomes)
+        self.metrics.observe_done(f"{env.model}@{env.version}", done)
         if env.payload_key is not None and env.then is None:  # an ensemble's input is shared: fusion drops it
             self.redis.delete(env.payload_key)
-        failed = sum(1 for o in outcomes if o.result[:1] == b"E")
-        return {"model": f"{env.model}@{env.version}", "items": len(outcomes), "failed": failed, "rows": env.rows}
+        failed = sum(len(d.items) for d in done if d.error is not None)
+        return {"model": f"{env.model}@{env.version}", "items": len(todo), "failed": failed, "rows": env.rows}
 
     def _after_store(self, env: TaskEnvelope) -> None:
         for hook in self.after_store:
@@ -141,6 +142,8 @@ class Runtime:
     @staticmethod
     def _pending_items(env: TaskEnvelope, done: tuple[bool, ...]) -> list[tuple[int, Item]]:
         """(row offset, item) of the items that have no stored result yet."""
+        if env.pack is not None:  # stored as one unit: all items or none
+            done = done * len(env.items)
         out, offset = [], 0
         for item, stored in zip(env.items, done, strict=True):
             if not stored:
@@ -148,13 +151,10 @@ class Runtime:
             offset += item.rows
         return out
 
-    def _run(self, env: TaskEnvelope, todo: list[tuple[int, Item]]) -> list[Outcome]:
+    def _run(self, env: TaskEnvelope, todo: list[tuple[int, Item]]) -> list[Done]:
         if env.deadline is not None and time.time() > env.deadline:
-            late = time.time() - env.deadline
-            return [
-                _error(i, JobExpired(i.job_id, f"deadline passed {late:.1f} s before it ran; the model was not called"))
-                for _, i in todo
-            ]
+            why = f"deadline passed {time.time() - env.deadline:.1f} s before it ran; the model was not called"
+            return [_error(o, i, JobExpired(i.job_id, why)) for o, i in todo]
         ref = f"{env.model}@{env.version}"
         self.arrivals.enter(ref)
         try:
@@ -165,17 +165,23 @@ class Runtime:
             except Exception as exc:  # everything here is about the whole task's input
                 if not isinstance(exc, HetbatchError):
                     log.warning("task for %s failed before batching: %s", env.describe(), exc)
-                return [_error(i, exc) for _, i in todo]
-            outcomes: list[Outcome] = []
+                return [_error(o, i, exc) for o, i in todo]
+            outcomes: list[Done] = []
             runs: list[list[tuple[int, Item]]] = []  # contiguous valid items share one model request
+            check_items = False
+            if spec.nan == "reject":  # one pass over the payload; per item only when it finds some
+                try:
+                    _check_finite(arrays)
+                except SchemaMismatch:
+                    check_items = True
             for offset, item in todo:
                 try:
-                    if spec.nan == "reject":
+                    if check_items:
                         _check_finite(arrays, offset, item.rows)
                     if item.rows == 0:
                         raise SchemaMismatch("the job has no rows; nothing to predict")
                 except HetbatchError as exc:  # rejected before merging: the others go on
-                    outcomes.append(_error(item, exc))
+                    outcomes.append(_error(offset, item, exc))
                     continue
                 last = runs[-1][-1] if runs else None
                 if last is not None and last[0] + last[1].rows == offset:
@@ -201,16 +207,17 @@ class Runtime:
         arrays: Mapping[str, np.ndarray],
         spec: ModelSpec,
         model: LoadedModel,
-    ) -> list[Outcome]:
+    ) -> list[Done]:
         """Outcomes of one run of items; a failed run of several is retried item by item,
         so the batcher's bisection finds the one job that makes the model raise."""
         try:
             outputs = future.result(timeout=self.settings.task_timeout_s)
         except FutureTimeout:
-            return [_error(i, TimeoutError(f"no model result within {self.settings.task_timeout_s} s")) for _, i in run]
+            late = TimeoutError(f"no model result within {self.settings.task_timeout_s} s")
+            return [_error(o, i, late) for o, i in run]
         except Exception as exc:
             if len(run) == 1:
-                return [_error(run[0][1], exc)]
+                return [_error(run[0][0], run[0][1], exc)]
             singles = [([one], self._submit(model.batcher, arrays, [one])) for one in run]
             return [o for single, fut in singles for o in self._finish(single, fut, arrays, spec, model)]
         table = self._select(outputs, spec)
@@ -218,23 +225,7 @@ class Runtime:
         table = table.replace_schema_metadata(
             {**(table.schema.metadata or {}), DEVICE_KEY: model.adapter.device.encode()}
         )
-        start = run[0][0]
-        results = encode_results(table, [(offset - start, item.rows) for offset, item in run])
-        out = []
-        for (_, item), data in zip(run, results):
-            if len(data) > self.settings.max_result_bytes:
-                out.append(
-                    _error(
-                        item,
-                        PayloadError(
-                            f"result of {len(data)} bytes is over max_result_bytes={self.settings.max_result_bytes}; "
-                            "submit smaller chunks (chunk_rows)"
-                        ),
-                    )
-                )
-            else:
-                out.append(Outcome(item.job_id, item.chunk, data))
-        return out
+        return [Done(run[0][0], [item for _, item in run], table=table)]
 
     @staticmethod
     def _select(outputs: Mapping[str, np.ndarray], spec: ModelSpec) -> pa.Table:
