@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -53,6 +54,32 @@ def small_pieces(X: np.ndarray, jobs: int, seed: int = 0) -> list[np.ndarray]:
     sizes = rng.integers(1, 17, jobs)
     starts = rng.integers(0, len(X) - 16, jobs)
     return [X[s : s + n] for s, n in zip(starts, sizes)]
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_calls(client: Client) -> int:
+    return sum(int(v["calls"]) for v in cast(dict[str, Any], client.redis.info("commandstats")).values())
+
+
+def small_job_costs(
+    client: Client, name: str, pieces: list[np.ndarray], pids: list[int]
+) -> tuple[float, float, float]:
+    """(jobs/s, CPU microseconds per job over producer + worker + Redis, Redis commands per
+    job) of ``submit_many`` and reading every result."""
+    started_cpu = time.process_time() + sum(cpu_s(p) for p in pids)
+    started_calls = redis_calls(client)
+    rate = small_jobs_s(client, name, pieces, coalesce=True)
+    calls = redis_calls(client) - started_calls - 1  # this INFO itself
+    cpu = time.process_time() + sum(cpu_s(p) for p in pids) - started_cpu
+    return rate, cpu / len(pieces) * 1e6, calls / len(pieces)
 
 
 def small_jobs_s(client: Client, name: str, pieces: list[np.ndarray], coalesce: bool) -> float:
@@ -176,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
                 pieces = small_pieces(X, jobs)
                 print(f"[bench] {mlp}: {jobs:,} small jobs, one producer...", flush=True)
                 client.redis.delete(f"{client.keys.prefix}:stats:{refs[mlp]}")
-                fig["small_coalesced_jobs_s"] = small_jobs_s(client, mlp, pieces, coalesce=True)
+                fig["small_coalesced_jobs_s"], fig["small_cpu_us_per_job"], fig["small_redis_commands_per_job"] = (
+                    small_job_costs(client, mlp, pieces, [worker.pid, server.proc.pid])
+                )
+                time.sleep(0.5)  # the worker writes batch stats off the model's path
                 stats = batch_stats(client, refs[mlp])
                 fig["small_avg_batch_rows"] = stats["rows"] / stats["batches"]
                 fig["worker_model_rows_s"] = stats["rows"] / stats["compute_s"]
@@ -232,6 +262,10 @@ def print_table(results: dict[str, Any]) -> None:
         coalesced, ratio = fig["small_coalesced_jobs_s"], fig["coalesced_vs_naive"]
         print(f"  hetbatch, submit_many coalesced {coalesced:10,.0f}  {ratio:5.1f}x")
         print(f"    (formed batches average {fig['small_avg_batch_rows']:.0f} rows)")
+        print(
+            f"    per job: {fig['small_cpu_us_per_job']:.0f} us of CPU (producer + worker + Redis), "
+            f"{fig['small_redis_commands_per_job']:.3f} Redis commands"
+        )
         print(
             f"  4 producer processes, no packing {fig['many_producers_jobs_s']:9,.0f}  "
             f"= {fig['many_producers_vs_noop']:.2f}x Celery no-op rate ({fig['celery_noop_tasks_s']:,.0f}/s)"

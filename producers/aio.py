@@ -221,9 +221,7 @@ class AsyncClient:
         while True:
             missing = [c for c in range(job.chunks) if payloads.get(c) is None]
             if missing:
-                stored = cast(
-                    list[bytes | None], await self._redis.mget([self.keys.result(unit, c) for c in missing])
-                )
+                stored = cast(list[bytes | None], await self._redis.mget([self.keys.result(unit, c) for c in missing]))
                 payloads.update({c: v for c, v in zip(missing, stored, strict=True) if v is not None})
             if all(payloads.get(c) is not None for c in range(job.chunks)):
                 self._waiters.pop(unit, None)

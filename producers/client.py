@@ -16,6 +16,7 @@ import pyarrow as pa
 import redis
 from celery import Celery
 
+from producers.connect import connect
 from producers.ensemble import EnsembleSpec, plan_stage
 from producers.errors import (
     BrokerError,
@@ -123,14 +124,13 @@ class _Waiter:
     def __init__(self, chunks: int) -> None:
         self.pending = set(range(chunks))
         self.payloads: dict[int, bytes | None] = {}
-        self.done = threading.Event()
+        self.changed = threading.Event()
 
     def add(self, chunk: int, payload: bytes | None) -> None:
         if chunk in self.pending:
             self.pending.discard(chunk)
             self.payloads[chunk] = payload
-            if not self.pending:
-                self.done.set()
+            self.changed.set()
 
 
 class Pack:
@@ -246,7 +246,7 @@ class Client:
         self._listen_replies = listen
         self.settings = settings or ClientSettings.from_env()
         self.keys = Keys(self.settings.prefix)
-        self.redis = redis.Redis.from_url(self.settings.redis_url)
+        self.redis = connect(self.settings.redis_url)
         self.registry = Registry(self.redis, self.keys)
         self.ledger = Ledger(self.redis, self.keys)
         self.id = uuid.uuid4().hex
@@ -528,7 +528,7 @@ class Client:
         self,
         spec: ModelSpec,
         items: Sequence[Item],
-        blob: bytes,
+        blob: bytes | memoryview,
         key: str,
         pipe: Any,
         deadline: float | None,
@@ -600,9 +600,7 @@ class Client:
             raise
         return job
 
-    def _record(
-        self, pipe: Any, unit: str, model: str, chunks: int, rows: int, pack: list[int] | None = None
-    ) -> None:
+    def _record(self, pipe: Any, unit: str, model: str, chunks: int, rows: int, pack: list[int] | None = None) -> None:
         """The record of a job (or of a pack: its jobs' rows), written before its tasks are published."""
         meta: dict[str, Any] = {"model": model, "chunks": chunks, "rows": rows, "created": time.time()}
         if pack is not None:
@@ -662,7 +660,7 @@ class Client:
                 self._listener.start()
 
     def _listen(self) -> None:
-        conn = redis.Redis.from_url(self.settings.redis_url)
+        conn = connect(self.settings.redis_url)
         while not self._closed.is_set():
             try:
                 first = cast(tuple[bytes, bytes] | None, conn.blpop([self._reply_key], timeout=1))
@@ -692,24 +690,36 @@ class Client:
         waiter = self._waiters.get(unit)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         payloads: dict[int, bytes | None] = {}
+        # Without a listener the keys are all there is to read: read them often.
+        interval = 1.0 if waiter is not None else 0.05
+        sweep = 0.0 if waiter is None else time.monotonic() + interval
         while True:
+            read: list[int] = []
             if waiter is not None:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                # Wake now and then to read the keys too: a notice can be missed when a
-                # client restarts, but the stored result cannot.
-                waiter.done.wait(timeout=1.0 if remaining is None else min(1.0, remaining))
+                waiter.changed.wait(timeout=1.0 if remaining is None else min(1.0, remaining))
+                waiter.changed.clear()
                 with self._lock:
-                    payloads = dict(waiter.payloads)
+                    noticed = dict(waiter.payloads)
+                payloads.update({c: v for c, v in noticed.items() if v is not None})
+                # Results announced without their bytes are read as they come, while the
+                # other chunks still run, not all at the end.
+                read = [c for c in noticed if payloads.get(c) is None]
             missing = [c for c in range(chunks) if payloads.get(c) is None]
+            swept = time.monotonic() >= sweep
+            if swept:
+                # Now and then read every missing key: a notice can be missed when a client
+                # restarts, but the stored result cannot.
+                read, sweep = missing, time.monotonic() + interval
             try:
-                if missing:
-                    stored = cast(list[bytes | None], self.redis.mget([self.keys.result(unit, c) for c in missing]))
-                    payloads.update({c: v for c, v in zip(missing, stored, strict=True) if v is not None})
+                if read:
+                    stored = cast(list[bytes | None], self.redis.mget([self.keys.result(unit, c) for c in read]))
+                    payloads.update({c: v for c, v in zip(read, stored, strict=True) if v is not None})
                 if all(payloads.get(c) is not None for c in range(chunks)):
                     with self._lock:
                         self._waiters.pop(unit, None)
                     return {c: v for c, v in payloads.items() if v is not None}
-                if missing and not self.redis.exists(self.keys.job(unit)):
+                if swept and missing and not self.redis.exists(self.keys.job(unit)):
                     # The job's record went with Redis (restart without persistence): no worker
                     # will ever answer, so say so instead of waiting.
                     raise JobLost(job.id, "its record vanished from Redis (restarted without persistence?)")

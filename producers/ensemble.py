@@ -291,7 +291,7 @@ def _fits(table: pa.Table, inputs: tuple[TensorSpec, ...]) -> bool:
 class StagePlan:
     """What to store (Redis key -> Arrow IPC) and publish ((queue, envelope)) for a stage."""
 
-    blobs: dict[str, bytes]
+    blobs: dict[str, bytes | memoryview]
     tasks: list[tuple[str, TaskEnvelope]]
     continuation: Continuation
 
@@ -317,7 +317,7 @@ def plan_stage(
         SchemaMismatch: the stage input cannot be cast to a member's inputs.
     """
     shared = stage_input_key(keys, job_id, stage, chunk)
-    blobs = {shared: encode_table(table)}
+    blobs: dict[str, bytes | memoryview] = {shared: encode_table(table)}
     route = route_rows(spec, table) if stage == 0 and "rule" in spec.params else None
     parts: list[tuple[int, ModelSpec, str, int]] = []
     for slot in spec.slots(stage):

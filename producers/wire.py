@@ -243,13 +243,14 @@ def _opt(value: Any, kind: type | tuple[type, ...]) -> Any:
     return value
 
 
-def encode_table(table: pa.Table | pa.RecordBatch) -> bytes:
-    """Serialize rows as one Arrow IPC stream (uncompressed: decoding stays zero-copy)."""
+def encode_table(table: pa.Table | pa.RecordBatch, tag: bytes = b"") -> memoryview:
+    """Serialize rows as one Arrow IPC stream (uncompressed: decoding stays zero-copy),
+    after ``tag``, into one buffer: the rows are copied once, and Redis takes the view as is."""
     sink = pa.BufferOutputStream()
+    sink.write(tag)
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write(table)
-    data: bytes = sink.getvalue().to_pybytes()
-    return data
+    return memoryview(sink.getvalue())
 
 
 def decode_table(data: bytes | memoryview, *, max_bytes: int | None = None, max_rows: int | None = None) -> pa.Table:
@@ -269,17 +270,19 @@ def decode_table(data: bytes | memoryview, *, max_bytes: int | None = None, max_
     return read_stream(data, max_rows=max_rows)
 
 
-def encode_result(table: pa.Table) -> bytes:
+def encode_result(table: pa.Table) -> memoryview:
     """A successful item result: tag + Arrow IPC."""
-    return _OK + encode_table(table)
+    return encode_table(table, _OK)
 
 
 _EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # IPC end-of-stream marker
 
 
-def encode_results(table: pa.Table, slices: Sequence[tuple[int, int]]) -> list[bytes]:
+def encode_results(table: pa.Table, slices: Sequence[tuple[int, int]]) -> list[bytes | memoryview]:
     """``encode_result`` of each ``(offset, rows)`` slice of ``table``, sharing one
     encoded schema: ~4x cheaper than a stream writer per slice for small jobs."""
+    if len(slices) == 1 and slices[0] == (0, table.num_rows):
+        return [encode_result(table)]  # one copy of a big chunk's rows, not three
     batch = table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], table.schema)
     head = _OK + table.schema.serialize().to_pybytes()
     return [head + batch.slice(offset, rows).serialize().to_pybytes() + _EOS for offset, rows in slices]
@@ -299,14 +302,7 @@ def decode_result(data: bytes) -> pa.Table | RemoteError:
     """
     tag, body = data[:1], memoryview(data)[1:]
     if tag == _OK:
-        # Written by our workers: pyarrow's own reader plus full validation is enough here
-        # (the guarded reader in producers.ipc is for task payloads from producers).
-        try:
-            table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
-            table.validate(full=True)
-            return table
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            raise PayloadError(f"stored result is not a valid Arrow IPC stream: {exc}") from exc
+        return _read_result(body)
     if tag == _ERR:
         try:
             obj = json.loads(bytes(body))
@@ -316,25 +312,33 @@ def decode_result(data: bytes) -> pa.Table | RemoteError:
     raise PayloadError(f"stored result has unknown tag {tag!r}")
 
 
-def encode_pack_result(items: Sequence[int | RemoteError], tables: Sequence[pa.Table]) -> bytes:
+def _read_result(body: memoryview) -> pa.Table:
+    # Written by our workers: pyarrow's own reader plus full validation is enough here
+    # (the guarded reader in producers.ipc is for task payloads from producers).
+    try:
+        table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
+        table.validate(full=True)
+        return table
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise PayloadError(f"stored result is not a valid Arrow IPC stream: {exc}") from exc
+
+
+def encode_pack_result(items: Sequence[int | RemoteError], tables: Sequence[pa.Table]) -> bytes | memoryview:
     """The stored result of a pack: per item in order, its row count or its error; the
     succeeded items' rows are the rows of ``tables``, concatenated, in item order.
 
     Layout: tag, 4-byte little-endian header length, JSON header (per item its row count
     or its error), then one Arrow IPC stream of every succeeded item's rows.
     """
-    header = [
-        n if isinstance(n, int) else {"type": n.type, "message": n.message, "details": n.details} for n in items
-    ]
+    header = [n if isinstance(n, int) else {"type": n.type, "message": n.message, "details": n.details} for n in items]
     head = json.dumps(header, default=str).encode()
-    body = b""
-    if tables:
-        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables).combine_chunks()
-        body = encode_table(table)
-    return _PACK + len(head).to_bytes(4, "little") + head + body
+    tag = _PACK + len(head).to_bytes(4, "little") + head
+    if not tables:
+        return tag
+    return encode_table(tables[0] if len(tables) == 1 else pa.concat_tables(tables).combine_chunks(), tag)
 
 
-def pack_header(data: bytes) -> list[int | RemoteError]:
+def pack_header(data: bytes | memoryview) -> list[int | RemoteError]:
     """Per item of a stored pack result: its row count, or its error.
 
     Raises:
@@ -344,7 +348,7 @@ def pack_header(data: bytes) -> list[int | RemoteError]:
         if data[:1] != _PACK:
             raise ValueError(f"tag {data[:1]!r}")
         size = int.from_bytes(data[1:5], "little")
-        raw = json.loads(data[5 : 5 + size])
+        raw = json.loads(bytes(data[5 : 5 + size]))
         return [
             n if isinstance(n, int) else RemoteError(str(n["type"]), str(n["message"]), dict(n.get("details") or {}))
             for n in raw
@@ -362,8 +366,8 @@ def decode_pack_result(data: bytes) -> list[pa.Table | RemoteError]:
     header = pack_header(data)
     rows = sum(n for n in header if isinstance(n, int))
     start = 5 + int.from_bytes(data[1:5], "little")
-    table = decode_result(_OK + data[start:]) if len(data) > start else None
-    if isinstance(table, RemoteError) or (0 if table is None else table.num_rows) != rows:
+    table = _read_result(memoryview(data)[start:]) if len(data) > start else None
+    if (0 if table is None else table.num_rows) != rows:
         raise PayloadError(f"stored pack result does not hold the {rows} rows its header lists")
     out: list[pa.Table | RemoteError] = []
     offset = 0

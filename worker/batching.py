@@ -111,7 +111,7 @@ def _concat(parts: list[Arrays]) -> Arrays:
 
 
 class Batcher:
-    """Coalesces requests for one model and runs them on one thread.
+    """Coalesces requests for one model and runs them on ``instances`` threads.
 
     Args:
         predict: the model call (named arrays in, named arrays out).
@@ -119,6 +119,9 @@ class Batcher:
         max_delay_ms: longest wait for more requests after the first.
         on_batch: called after every model call with its stats.
         incoming: how many requests are on their way (None: always wait max_delay_ms).
+        instances: model calls that may run at once (like Triton's instance count): on a
+            CPU, two single-threaded calls keep both cores busy where one two-threaded call
+            stalls whenever another process takes one of its cores.
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class Batcher:
         name: str = "model",
         on_batch: Callable[[BatchStats], None] | None = None,
         incoming: Callable[[], int] | None = None,
+        instances: int = 1,
     ) -> None:
         self._predict = predict
         self.max_batch_rows = max(1, max_batch_rows)
@@ -139,11 +143,16 @@ class Batcher:
         self._incoming = incoming
         self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._held: Request | None = None
-        # Held during every model call: a request that finds the model idle, with nothing
+        # Held during every model call: a request that finds an instance free, with nothing
         # queued or on its way, runs on the caller's thread (no hand-off: low latency).
-        self._busy = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        self._busy = threading.Semaphore(max(1, instances))
+        self._gathering = threading.Lock()  # one thread gathers the next batch at a time
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
+            for i in range(max(1, instances))
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> Future[Arrays]:
         req = Request(inputs, rows)
@@ -163,7 +172,8 @@ class Batcher:
 
     def close(self) -> None:
         self._queue.put(None)
-        self._thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     def _next(self, timeout: float | None) -> Request | None:
         if self._held is not None:
@@ -174,6 +184,7 @@ class Batcher:
     def _gather(self) -> list[Request] | None:
         first = self._next(None)
         if first is None:
+            self._queue.put(None)  # for the other instances
             return None
         batch, rows = [first], first.rows
         deadline = time.monotonic() + self.max_delay_s
@@ -196,7 +207,8 @@ class Batcher:
 
     def _loop(self) -> None:
         while True:
-            batch = self._gather()
+            with self._gathering:
+                batch = self._gather()
             if batch is None:
                 return
             with self._busy:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,10 @@ class LoadedModel:
     adapter: Adapter
     batcher: Batcher
     load_s: float
+
+
+def _cores() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 class ModelCache:
@@ -80,7 +85,14 @@ class ModelCache:
     def _load(self, spec: ModelSpec) -> LoadedModel:
         started = time.monotonic()
         options = dict(spec.options)
-        options.setdefault("threads", self._settings.intra_op_threads)
+        # scikit-learn calls are single-threaded: one instance per core. The others use every
+        # core in one call; one thread per call would change their sums' order, so their
+        # outputs would no longer equal the in-process ones bit for bit.
+        instances = int(options.pop("instances", self._settings.instances)) or (
+            _cores() if spec.framework == "sklearn" else 1
+        )
+        # Several instances share the cores: one thread per call unless told otherwise.
+        options.setdefault("threads", self._settings.intra_op_threads or (1 if instances > 1 else 0))
         if spec.device == "gpu" and self._settings.pool != "gpu" and spec.fallback != "cpu":
             raise ModelLoadError(
                 f"{spec.ref} is a gpu model without fallback = 'cpu': a cpu worker does not run it; "
@@ -100,6 +112,7 @@ class ModelCache:
             name=spec.ref,
             on_batch=(lambda stats: on_batch(spec, stats)) if on_batch else None,
             incoming=(lambda: arrivals.count(spec.ref)) if arrivals is not None else None,
+            instances=instances if device == "cpu" else 1,
         )
         return LoadedModel(spec, adapter, batcher, load_s)
 

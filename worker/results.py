@@ -47,7 +47,7 @@ class Outcome:
 
     job_id: str
     chunk: int
-    result: bytes
+    result: bytes | memoryview
 
 
 @dataclass
@@ -110,9 +110,9 @@ class ResultWriter:
 
     def write(self, outcomes: Sequence[Outcome], reply_to: str | None) -> int:
         """Store each outcome unless one is stored already; returns how many were new."""
-        args: list[bytes | str | int] = [self._ttl_ms]
+        args: list[bytes | memoryview | str | int] = [self._ttl_ms]
         for out in outcomes:
-            inline = out.result if len(out.result) <= self._inline else None
+            inline = bytes(out.result) if len(out.result) <= self._inline else None
             args += [
                 self._keys.result(out.job_id, out.chunk),
                 out.result,

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import redis
 
+from producers.connect import connect
 from producers.errors import HetbatchError, JobExpired, JobLost, PayloadError, RemoteError, SchemaMismatch
 from producers.ledger import Ledger, Start
 from producers.registry import ModelSpec, Registry
@@ -60,7 +61,7 @@ class Runtime:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.keys = Keys(settings.prefix)
-        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.redis = connect(settings.redis_url)
         self.registry = Registry(self.redis, self.keys)
         self.arrivals = Arrivals()
         self.models = ModelCache(self.registry, settings, on_batch=self._record_batch, arrivals=self.arrivals)

@@ -1,0 +1,22 @@
+"""Redis connections for the data path: hiredis parses replies (when installed), while
+commands are packed by redis-py's Python packer, which hands large values to the socket
+without copying them (hiredis's packer copies every byte: slow for megabyte payloads)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from redis._parsers.encoders import Encoder
+from redis.connection import PythonRespSerializer
+
+__all__ = ["connect"]
+
+# Values above this size are written to the socket as they are, not joined into a buffer.
+_BUFFER_CUTOFF = 6000
+_PACKER = PythonRespSerializer(_BUFFER_CUTOFF, Encoder("utf-8", "strict", False).encode)  # type: ignore[no-untyped-call]
+
+
+def connect(url: str, **kwargs: Any) -> redis.Redis:
+    """A client for ``url`` whose connections pack commands without copying large values."""
+    return redis.Redis.from_url(url, command_packer=_PACKER, **kwargs)
