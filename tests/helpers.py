@@ -77,3 +77,14 @@ def column(table: Any, name: str) -> np.ndarray:
     if hasattr(col, "to_numpy_ndarray"):
         return col.to_numpy_ndarray()
     return col.to_numpy(zero_copy_only=False)
+
+
+def batch_stats(r: Any, key: str, ready: Any = bool, timeout_s: float = 5.0) -> dict[bytes, bytes]:
+    """The worker's batch-stats hash once ``ready(hash)`` holds: the worker writes it
+    off the model's path, a few tens of milliseconds after the results."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = r.hgetall(key)
+        if ready(stats) or time.monotonic() > deadline:
+            return dict(stats)
+        time.sleep(0.05)

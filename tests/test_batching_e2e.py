@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from producers import Client, JobFailed
-from tests.helpers import WorkerProcess, column, register
+from tests.helpers import WorkerProcess, batch_stats, column, register
 from tests.models import Built, sklearn_model
 
 
@@ -20,8 +20,9 @@ def logreg(work_dir: Path, redis_url: str) -> Built:
     return built
 
 
-def _stats(client: Client, name: str) -> dict[str, float]:
-    raw = client.redis.hgetall(f"{client.keys.prefix}:stats:{client.spec(name).ref}")
+def _stats(client: Client, name: str, requests: int) -> dict[str, float]:
+    key = f"{client.keys.prefix}:stats:{client.spec(name).ref}"
+    raw = batch_stats(client.redis, key, lambda s: int(s.get(b"requests", 0)) >= requests)
     return {k.decode(): float(v) for k, v in raw.items()}
 
 
@@ -41,7 +42,7 @@ def test_a_backlog_of_single_jobs_fills_batches(work_dir: Path) -> None:
                 np.testing.assert_allclose(
                     column(job.result(timeout_s=120), "probabilities"), slow.model.predict_proba(piece), atol=1e-6
                 )
-            stats = _stats(client, "slow-forest")
+            stats = _stats(client, "slow-forest", len(pieces))
         finally:
             worker.stop()
     assert stats["requests"] == len(pieces)

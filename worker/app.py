@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -16,6 +17,7 @@ from producers.wire import CELERY_WIRE_CONFIG, FUSE_TASK_NAME, TASK_NAME
 from worker.ensemble import EnsembleRunner
 from worker.runtime import Runtime
 from worker.settings import WorkerSettings
+from worker.transport import reuse_redis_clients
 from worker.watchdog import Watchdog
 
 __all__ = ["make_app"]
@@ -30,6 +32,10 @@ def make_app(settings: WorkerSettings) -> Celery:
     Results are idempotent, so a redelivery is harmless. A task that fails because Redis
     went away is requeued, not acked.
     """
+    reuse_redis_clients()
+    if not settings.task_log:  # Celery's two INFO lines per task; warnings and errors still show
+        for name in ("celery.worker.strategy", "celery.app.trace"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     app = Celery("hetbatch", broker=settings.redis_url, set_as_current=True)
     app.conf.update(
         CELERY_WIRE_CONFIG,

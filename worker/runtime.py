@@ -39,6 +39,8 @@ __all__ = ["Runtime"]
 
 log = logging.getLogger(__name__)
 
+_STATS_EVERY_S = 0.05
+
 
 def _error(offset: int, item: Item, exc: BaseException) -> Done:
     return Done(offset, [item], error=RemoteError.from_exception(exc))
@@ -250,31 +252,39 @@ class Runtime:
         self._stats.put((spec.ref, stats))
 
     def _write_stats(self) -> None:
-        """Batch stats go to Redis from this thread: a model call never waits on that write."""
-        while True:
-            first = self._stats.get()
-            if first is None:
-                return
-            batch: list[tuple[str, BatchStats] | None] = [first]
-            while not self._stats.empty() and len(batch) < 1000:
-                batch.append(self._stats.get())
-            pipe = self.redis.pipeline(transaction=False)
-            for entry in batch:
+        """Batch stats go to Redis from this thread, summed per model, at most every
+        ``_STATS_EVERY_S``: a model call never waits on that write, and many small
+        batches cost one pipeline."""
+        stopping = False
+        while not stopping:
+            entries = [self._stats.get()]
+            while not self._stats.empty():
+                entries.append(self._stats.get())
+            totals: dict[str, list[float]] = {}
+            for entry in entries:
                 if entry is None:
-                    self._stats.put(None)
-                    break
+                    stopping = True
+                    continue
                 ref, stats = entry
+                t = totals.setdefault(ref, [0, 0, 0, 0.0, 0.0])
+                for i, value in enumerate((1, stats.rows, stats.requests, stats.compute_s, stats.queue_wait_s)):
+                    t[i] += value
+            pipe = self.redis.pipeline(transaction=False)
+            for ref, (batches, rows, requests, compute_s, wait_s) in totals.items():
                 key = f"{self.keys.prefix}:stats:{ref}"
-                pipe.hincrby(key, "batches", 1)
-                pipe.hincrby(key, "rows", stats.rows)
-                pipe.hincrby(key, "requests", stats.requests)
-                pipe.hincrbyfloat(key, "compute_s", stats.compute_s)
-                pipe.hincrbyfloat(key, "queue_wait_s", stats.queue_wait_s)
+                pipe.hincrby(key, "batches", int(batches))
+                pipe.hincrby(key, "rows", int(rows))
+                pipe.hincrby(key, "requests", int(requests))
+                pipe.hincrbyfloat(key, "compute_s", compute_s)
+                pipe.hincrbyfloat(key, "queue_wait_s", wait_s)
             try:
-                pipe.execute()
+                if totals:
+                    pipe.execute()
             except redis.RedisError as exc:
                 # A Redis restart must cost a statistic, not the writer.
                 log.info("batch stats not recorded: %s", exc)
+            if not stopping:
+                time.sleep(_STATS_EVERY_S)
 
     def close(self) -> None:
         self.metrics.stop()

@@ -57,6 +57,9 @@ class WorkerSettings:
     task_events: bool = False
     """Send Celery task events from the start. Off by default: each costs three Redis round
     trips per task, and Flower turns them on by itself while it watches (its enable_events)."""
+    task_log: bool = False
+    """Log each task received and succeeded at INFO, as Celery does by default. Off: at
+    thousands of tasks a second those two lines cost CPU and log volume; errors still log."""
     flower_user: str = ""
     """Flower basic-auth user (``hetbatch flower`` refuses to start without one)."""
     flower_password: str = ""
