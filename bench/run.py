@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                 stop_process(worker)
                 client.redis.delete(f"{client.keys.prefix}:stats:{refs[mlp]}")
                 backlog = client.submit_many(mlp, pieces)
-                started = time.perf_counter()
                 worker = start_worker(server.url, work / "worker.log")
+                started = time.perf_counter()
                 for job in backlog:
                     job.result(timeout_s=600)
                 fig["drain_jobs_s"] = jobs / (time.perf_counter() - started)

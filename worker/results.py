@@ -10,6 +10,7 @@ import pyarrow as pa
 import redis
 
 from producers.errors import PayloadError, RemoteError
+from producers.ledger import LedgerKeys
 from producers.wire import (
     Item,
     Keys,
@@ -23,10 +24,12 @@ from producers.wire import (
 
 __all__ = ["Done", "Outcome", "ResultWriter", "outcomes_of"]
 
-# KEYS[1]: reply list ('' for none). ARGV[1]: ttl in ms, then (key, value, notice) triples.
+# KEYS[1]: reply list ('' for none), KEYS[2]: the ledger ('' for none). ARGV[1]: ttl in
+# ms, ARGV[2]: the finished task's id, then (key, value, notice) triples.
 _STORE = """
+if KEYS[2] ~= '' then redis.call('ZREM', KEYS[2], ARGV[2]) end
 local stored = {}
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   if redis.call('SET', ARGV[i], ARGV[i + 1], 'NX', 'PX', ARGV[1]) then
     stored[#stored + 1] = ARGV[i + 2]
   end
@@ -108,9 +111,14 @@ class ResultWriter:
         self._ttl_ms = ttl_s * 1000
         self._inline = inline_bytes
 
-    def write(self, outcomes: Sequence[Outcome], reply_to: str | None) -> int:
-        """Store each outcome unless one is stored already; returns how many were new."""
-        args: list[bytes | memoryview | str | int] = [self._ttl_ms]
+    def write(self, outcomes: Sequence[Outcome], reply_to: str | None, finished: str | None = None) -> int:
+        """Store each outcome unless one is stored already; returns how many were new.
+
+        ``finished``: the id of a task that has now a result for every item; it leaves the
+        ledger's list of tasks to watch in the same round trip (the reconciler would only
+        find it done later, at a cost).
+        """
+        args: list[bytes | memoryview | str | int] = [self._ttl_ms, finished or ""]
         for out in outcomes:
             inline = bytes(out.result) if len(out.result) <= self._inline else None
             args += [
@@ -118,7 +126,8 @@ class ResultWriter:
                 out.result,
                 encode_notice(Notice(out.job_id, out.chunk, inline)),
             ]
-        return int(self._script(keys=[reply_to or ""], args=args))
+        ledger = LedgerKeys(self._keys.prefix).ledger() if finished else ""
+        return int(self._script(keys=[reply_to or "", ledger], args=args))
 
     def existing(self, client: redis.Redis, items: Sequence[tuple[str, int]]) -> list[bool]:
         """Which job chunks already have a stored result (redelivered or duplicate tasks)."""

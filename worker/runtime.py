@@ -23,7 +23,7 @@ import redis
 
 from producers.connect import connect
 from producers.errors import HetbatchError, JobExpired, JobLost, PayloadError, RemoteError, SchemaMismatch
-from producers.ledger import Ledger, Start
+from producers.ledger import Ledger, Start, task_id_of
 from producers.registry import ModelSpec, Registry
 from producers.schema import arrays_to_table, table_to_arrays
 from producers.wire import DEVICE_KEY, Item, Keys, TaskEnvelope, decode_table
@@ -128,7 +128,7 @@ class Runtime:
             return {"model": env.model, "dead_lettered": len(todo)}
         done = self._run(env, todo)
         outcomes = outcomes_of(env, done, self.settings.max_result_bytes)
-        stored = self.writer.write(outcomes, env.reply_to)
+        stored = self.writer.write(outcomes, env.reply_to, finished=task_id_of(env))
         if stored < len(outcomes):  # another execution of the same items finished first
             self.ledger.count("duplicate_results", len(outcomes) - stored)
         self._after_store(env)
