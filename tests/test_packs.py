@@ -113,3 +113,23 @@ def test_the_async_client_reads_packed_jobs(private_redis: str, worker: WorkerPr
 
     for piece, labels in zip(pieces, asyncio.run(go()), strict=True):
         np.testing.assert_array_equal(labels, digits.model.predict(piece))
+
+
+def test_a_pack_result_lists_its_jobs_in_order_around_an_empty_one() -> None:
+    """A hostile producer's empty job shares its row offset with the next job; each job
+    must still get its own rows or its own error."""
+    import pyarrow as pa
+
+    from producers.errors import RemoteError
+    from producers.wire import Item, TaskEnvelope, decode_pack_result
+    from worker.results import Done, outcomes_of
+
+    a, empty, c = Item("p-0", 0, 2), Item("p-1", 0, 0), Item("p-2", 0, 1)
+    env = TaskEnvelope(model="m", version="1", items=(a, empty, c), payload_b64="", pack="p")
+    run = Done(0, [a, c], table=pa.table({"y": [1, 2, 3]}))  # a and c are contiguous rows
+    error = Done(2, [empty], error=RemoteError("SchemaMismatch", "the job has no rows"))
+    (outcome,) = outcomes_of(env, [error, run], max_bytes=1 << 20)
+    first, second, third = decode_pack_result(bytes(outcome.result))
+    assert isinstance(first, pa.Table) and first.column("y").to_pylist() == [1, 2]
+    assert isinstance(second, RemoteError) and second.type == "SchemaMismatch"
+    assert isinstance(third, pa.Table) and third.column("y").to_pylist() == [3]

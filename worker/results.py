@@ -75,14 +75,14 @@ def outcomes_of(env: TaskEnvelope, done: Sequence[Done], max_bytes: int) -> list
     """What to store for ``done``: one result per item, or for a pack, the pack's one result."""
     ordered = sorted(done, key=lambda d: d.offset)
     if env.pack is not None:
-        header: list[int | RemoteError] = []
-        tables = []
+        # The header follows the envelope's item order (an empty item shares its offset with
+        # the next one); the runs' tables, by offset, hold the succeeded items' rows in that order.
+        got: dict[str, int | RemoteError] = {}
         for d in ordered:
-            if d.table is None:
-                header += [d.error or RemoteError("Error", "no result")] * len(d.items)
-            else:
-                header += [item.rows for item in d.items]
-                tables.append(d.table)
+            for item in d.items:
+                got[item.job_id] = item.rows if d.table is not None else d.error or RemoteError("Error", "no result")
+        header = [got[item.job_id] for item in env.items]
+        tables = [d.table for d in ordered if d.table is not None]
         data = encode_pack_result(header, tables)
         if len(data) > max_bytes:
             data = encode_pack_result([_too_big(len(data), max_bytes)] * len(env.items), [])
@@ -110,6 +110,7 @@ class ResultWriter:
         self._keys = keys
         self._ttl_ms = ttl_s * 1000
         self._inline = inline_bytes
+        self._ledger = LedgerKeys(keys.prefix).ledger()
 
     def write(self, outcomes: Sequence[Outcome], reply_to: str | None, finished: str | None = None) -> int:
         """Store each outcome unless one is stored already; returns how many were new.
@@ -126,8 +127,7 @@ class ResultWriter:
                 out.result,
                 encode_notice(Notice(out.job_id, out.chunk, inline)),
             ]
-        ledger = LedgerKeys(self._keys.prefix).ledger() if finished else ""
-        return int(self._script(keys=[reply_to or "", ledger], args=args))
+        return int(self._script(keys=[reply_to or "", self._ledger if finished else ""], args=args))
 
     def existing(self, client: redis.Redis, items: Sequence[tuple[str, int]]) -> list[bool]:
         """Which job chunks already have a stored result (redelivered or duplicate tasks)."""
