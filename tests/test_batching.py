@@ -147,3 +147,35 @@ def test_a_lone_request_runs_on_the_callers_thread_and_a_busy_model_queues() -> 
     assert threads[0] == "caller" and threads[1].startswith("batcher-")
     assert [s.rows for s in stats] == [1, 2]
     batcher.close()
+
+
+def test_a_big_request_is_shared_by_every_instance() -> None:
+    """With two instances, the pieces of one big request run on both at once (a big job's
+    first and last chunks would otherwise use one core)."""
+    threads: set[str] = set()
+    both = threading.Barrier(2, timeout=5)
+
+    def record(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        name = threading.current_thread().name
+        if name not in threads:
+            threads.add(name)
+            both.wait()  # returns only once two calls are in flight together
+        return double(inputs)
+
+    batcher, _ = _batcher(record, max_batch_rows=10, instances=2, incoming=lambda: 0)
+    out = batcher.submit({"x": np.arange(45.0)[:, None]}, 45).result(timeout=10)
+    np.testing.assert_array_equal(out["y"][:, 0], np.arange(45.0) * 2)
+    assert len(threads) == 2 and all(t.startswith("batcher-") for t in threads)
+    batcher.close()
+
+
+def test_a_failing_piece_fails_the_big_request() -> None:
+    def picky(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if (inputs["x"] == 33).any():
+            raise ValueError("row 33 is poisoned")
+        return double(inputs)
+
+    batcher, _ = _batcher(picky, max_batch_rows=10, instances=2)
+    with pytest.raises(ValueError, match="poisoned"):
+        batcher.submit({"x": np.arange(45.0)[:, None]}, 45).result(timeout=10)
+    batcher.close()

@@ -155,6 +155,8 @@ class Batcher:
             thread.start()
 
     def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> Future[Arrays]:
+        if rows > self.max_batch_rows and len(self._threads) > 1:
+            return self._submit_pieces(inputs, rows)
         req = Request(inputs, rows)
         if self._idle() and self._busy.acquire(blocking=False):
             try:
@@ -165,6 +167,32 @@ class Batcher:
                 self._busy.release()
         self._queue.put(req)
         return req.future
+
+    def _submit_pieces(self, inputs: Mapping[str, np.ndarray], rows: int) -> Future[Arrays]:
+        """Queue a big request in pieces of max_batch_rows, so every instance takes some."""
+        step = self.max_batch_rows
+        pieces = [
+            Request({n: a[start : start + step] for n, a in inputs.items()}, min(step, rows - start))
+            for start in range(0, rows, step)
+        ]
+        whole: Future[Arrays] = Future()
+        left, lock = [len(pieces)], threading.Lock()
+
+        def finished(_: Future[Arrays]) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            failed = next((p.future.exception() for p in pieces if p.future.exception() is not None), None)
+            if failed is not None:
+                whole.set_exception(failed)
+            else:
+                whole.set_result(_concat([p.future.result() for p in pieces]))
+
+        for piece in pieces:
+            piece.future.add_done_callback(finished)
+            self._queue.put(piece)
+        return whole
 
     def _idle(self) -> bool:
         incoming = self._incoming() if self._incoming is not None else 1

@@ -9,7 +9,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from adapters import Adapter, ModelLoadError, adapter_class
+import numpy as np
+
+from adapters import Adapter, AdapterError, ModelLoadError, adapter_class
+from adapters.parity import sample_inputs
 from producers.registry import ModelSpec, Registry
 from worker.batching import Arrivals, Batcher, BatchStats
 from worker.settings import WorkerSettings
@@ -25,6 +28,31 @@ class LoadedModel:
     adapter: Adapter
     batcher: Batcher
     load_s: float
+
+
+# Frameworks whose sessions take a per-session thread count (torch's is process-wide).
+_CALIBRATED = frozenset({"onnx"})
+_PROBE_ROWS = 8192
+_CALL_ROWS = (512, 1024, 2048, 4096, 8192)
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
+
+
+def _fastest_rows(adapter: Adapter, probe: dict[str, np.ndarray], max_rows: int) -> int:
+    """The call size (of _CALL_ROWS, at most ``max_rows``) with the least time per row."""
+    sizes = [r for r in _CALL_ROWS if r <= max_rows] or [max_rows]
+    rows = len(next(iter(probe.values())))
+    best: dict[int, float] = {}
+    for _ in range(3):  # best of three: the cores may be shared
+        for size in sizes:
+            started = time.perf_counter()
+            for start in range(0, rows, size):
+                adapter.predict({n: a[start : start + size] for n, a in probe.items()})
+            elapsed = (time.perf_counter() - started) / rows
+            best[size] = min(best.get(size, elapsed), elapsed)
+    return min(best, key=lambda size: best[size])
 
 
 def _cores() -> int:
@@ -85,29 +113,34 @@ class ModelCache:
     def _load(self, spec: ModelSpec) -> LoadedModel:
         started = time.monotonic()
         options = dict(spec.options)
-        # scikit-learn calls are single-threaded: one instance per core. The others use every
-        # core in one call; one thread per call would change their sums' order, so their
-        # outputs would no longer equal the in-process ones bit for bit.
-        instances = int(options.pop("instances", self._settings.instances)) or (
-            _cores() if spec.framework == "sklearn" else 1
-        )
-        # Several instances share the cores: one thread per call unless told otherwise.
-        options.setdefault("threads", self._settings.intra_op_threads or (1 if instances > 1 else 0))
         if spec.device == "gpu" and self._settings.pool != "gpu" and spec.fallback != "cpu":
             raise ModelLoadError(
                 f"{spec.ref} is a gpu model without fallback = 'cpu': a cpu worker does not run it; "
                 f"start a gpu worker for queue {spec.queue}"
             )
         device = "gpu" if spec.device == "gpu" and self._settings.pool == "gpu" else "cpu"
-        adapter = adapter_class(spec.framework)(
-            spec.artifact, options=options, device=device, sha256=spec.sha256, pinned=spec.pinned
-        ).load()
+        max_rows = spec.max_batch_rows or self._settings.max_batch_rows
+        # scikit-learn calls are single-threaded: one instance per core. The others use every
+        # core in one call unless calibration shows one thread per call gives the same bits.
+        instances = int(options.pop("instances", self._settings.instances)) or (
+            _cores() if spec.framework == "sklearn" else 1
+        )
+        settings = self._settings
+        explicit = {"instances", "threads"} & set(spec.options) or settings.instances or settings.intra_op_threads
+        tune = spec.framework in _CALIBRATED and device == "cpu" and not explicit and _cores() > 1
+        if tune:
+            adapter, instances, max_rows = self._calibrate(spec, options, max_rows, size=not spec.max_batch_rows)
+        else:
+            # Several instances share the cores: one thread per call unless told otherwise.
+            options.setdefault("threads", self._settings.intra_op_threads or (1 if instances > 1 else 0))
+            adapter = self._adapter(spec, options, device)
         load_s = time.monotonic() - started
         log.info("loaded %s (%s on %s) in %.2f s", spec.ref, spec.framework, device, load_s)
+        log.info("%s: %d instance(s), at most %d rows per call", spec.ref, instances, max_rows)
         on_batch, arrivals = self._on_batch, self._arrivals
         batcher = Batcher(
             adapter.predict,
-            max_batch_rows=spec.max_batch_rows or self._settings.max_batch_rows,
+            max_batch_rows=max_rows,
             max_delay_ms=spec.max_delay_ms if spec.max_delay_ms is not None else self._settings.max_delay_ms,
             name=spec.ref,
             on_batch=(lambda stats: on_batch(spec, stats)) if on_batch else None,
@@ -115,6 +148,45 @@ class ModelCache:
             instances=instances if device == "cpu" else 1,
         )
         return LoadedModel(spec, adapter, batcher, load_s)
+
+    @staticmethod
+    def _adapter(spec: ModelSpec, options: dict[str, object], device: str) -> Adapter:
+        return adapter_class(spec.framework)(
+            spec.artifact, options=options, device=device, sha256=spec.sha256, pinned=spec.pinned
+        ).load()
+
+    def _calibrate(
+        self, spec: ModelSpec, options: dict[str, object], max_rows: int, *, size: bool
+    ) -> tuple[Adapter, int, int]:
+        """(adapter, instances, rows per call) for a cpu model whose entry leaves them open.
+
+        One single-threaded instance per core beats one call over every core when other
+        work shares the cores (a straggling thread stalls the whole call), but only where
+        it gives the same bits: both sessions score one probe batch, and any difference
+        keeps the multi-threaded one. With ``size``, the rows per call are the probe size
+        that ran fastest per row (smaller calls keep activations in cache)."""
+        shared = self._adapter(spec, {**options, "threads": 0}, "cpu")
+        try:
+            probe = sample_inputs(shared.describe()[0], rows=min(max_rows, _PROBE_ROWS))
+        except AdapterError as exc:
+            log.info("%s: no calibration (%s); one call uses every core", spec.ref, exc)
+            return shared, 1, max_rows
+        single = self._adapter(spec, {**options, "threads": 1}, "cpu")
+        try:
+            want, got = shared.predict(probe), single.predict(probe)
+        except Exception as exc:  # e.g. random values out of an embedding's range
+            log.info("%s: no calibration (the probe batch failed: %s); one call uses every core", spec.ref, exc)
+            single.unload()
+            return shared, 1, max_rows
+        same = want.keys() == got.keys() and all(_same_bits(want[n], got[n]) for n in want)
+        keep, drop = (single, shared) if same else (shared, single)
+        drop.unload()
+        if not same:
+            log.info("%s: one thread per call changes its outputs; one call uses every core", spec.ref)
+            return keep, 1, max_rows
+        if size:
+            max_rows = _fastest_rows(keep, probe, max_rows)
+        return keep, _cores(), max_rows
 
     def loaded(self) -> list[LoadedModel]:
         return list(self._models.values())

@@ -37,7 +37,8 @@ class WorkerSettings:
     """Threads per model call (0: the framework's default, or 1 when instances > 1)."""
     instances: int = 0
     """Model calls that may run at once per model when the model's entry sets none (0: one
-    per CPU core, at most 8, for scikit-learn models on a cpu pool; one otherwise)."""
+    per CPU core, at most 8, for scikit-learn models on a cpu pool; ONNX models on a cpu
+    pool calibrated at load; one otherwise)."""
     result_ttl_s: int = 86_400
     """How long stored results live."""
     notice_inline_bytes: int = 65_536

@@ -1,0 +1,58 @@
+"""A worker picks instances and call size for an ONNX model by measuring, never at the
+cost of its bits: the configuration it keeps gives exactly the in-process outputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from producers.registry import Registry
+from producers.wire import Keys
+from tests.models import onnx_from_sklearn, onnx_mlp, sklearn_model
+from worker.models import ModelCache
+from worker.registration import build_spec
+from worker.settings import WorkerSettings
+
+multicore = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to calibrate")
+
+
+def _load(tmp_path: Path, directory: Path, **settings: object) -> object:
+    cache = ModelCache(Registry(None, Keys("calib")), WorkerSettings(**settings))  # type: ignore[arg-type]
+    return cache, cache._load(build_spec(directory))
+
+
+@multicore
+def test_an_mlp_runs_one_single_threaded_instance_per_core(tmp_path: Path) -> None:
+    built = onnx_mlp(tmp_path / "mlp", "mlp")
+    cache, loaded = _load(tmp_path, built.directory)
+    assert loaded.batcher.max_batch_rows in (512, 1024, 2048, 4096, 8192)  # type: ignore[attr-defined]
+    assert len(loaded.batcher._threads) == min(8, len(os.sched_getaffinity(0)))  # type: ignore[attr-defined]
+    X = np.random.default_rng(3).standard_normal((5000, 32)).astype(np.float32)
+    got = loaded.batcher.submit({"x": X}, len(X)).result(timeout=30)  # type: ignore[attr-defined]
+    (want,) = built.model.run(None, {"x": X})
+    np.testing.assert_array_equal(got["probabilities"], want)
+    cache.close()  # type: ignore[attr-defined]
+
+
+@multicore
+def test_whatever_it_picks_a_forest_gives_the_in_process_bits(tmp_path: Path) -> None:
+    """A tree ensemble sums trees in another order on one thread: calibration sees the
+    difference and keeps one call over every core."""
+    built = onnx_from_sklearn(tmp_path / "forest-onnx", "forest-onnx", sklearn_model(tmp_path / "f", "f", trees=60))
+    cache, loaded = _load(tmp_path, built.directory)
+    X = np.random.default_rng(4).standard_normal((3000, built.X.shape[1])).astype(np.float32) * 3
+    want = built.model.run(None, {"X": X})
+    got = loaded.batcher.submit({"X": X}, len(X)).result(timeout=30)  # type: ignore[attr-defined]
+    for name, value in zip(["label", "probabilities"], want):
+        np.testing.assert_array_equal(got[name], value)
+    cache.close()  # type: ignore[attr-defined]
+
+
+def test_explicit_settings_are_not_calibrated(tmp_path: Path) -> None:
+    built = onnx_mlp(tmp_path / "mlp", "mlp")
+    cache, loaded = _load(tmp_path, built.directory, instances=1, max_batch_rows=300)
+    assert loaded.batcher.max_batch_rows == 300 and len(loaded.batcher._threads) == 1  # type: ignore[attr-defined]
+    cache.close()  # type: ignore[attr-defined]
