@@ -195,23 +195,27 @@ class AsyncClient:
                 first = await self._redis.blpop([self._reply_key], timeout=_BLPOP_TIMEOUT_S)
                 if first is None:
                     continue
-                more = await self._redis.lpop(self._reply_key, 1024)
+                self._deliver([cast(bytes, first[1])])  # before fetching more: a lone job's caller wakes now
+                while more := cast(list[bytes] | None, await self._redis.lpop(self._reply_key, 1024)):
+                    self._deliver(more)
             except (aioredis.ConnectionError, aioredis.TimeoutError):
                 await asyncio.sleep(0.2)
                 continue
-            for raw in [first[1], *(more or [])]:
-                notice = decode_notice(raw)
-                # A notice can beat the registration of its job (submit returns after
-                # the publish); keep it until the job is tracked.
-                target = self._waiters.get(notice.job_id)
-                if target is None:
-                    if len(self._early) >= _EARLY_MAX:  # notices of jobs read from their keys
-                        del self._early[next(iter(self._early))]
-                    target = self._early.setdefault(notice.job_id, {})
-                target[notice.chunk] = notice.result
-                event = self._events.get(notice.job_id)
-                if event is not None:
-                    event.set()
+
+    def _deliver(self, batch: list[bytes]) -> None:
+        for raw in batch:
+            notice = decode_notice(raw)
+            # A notice can beat the registration of its job (submit returns after
+            # the publish); keep it until the job is tracked.
+            target = self._waiters.get(notice.job_id)
+            if target is None:
+                if len(self._early) >= _EARLY_MAX:  # notices of jobs read from their keys
+                    del self._early[next(iter(self._early))]
+                target = self._early.setdefault(notice.job_id, {})
+            target[notice.chunk] = notice.result
+            event = self._events.get(notice.job_id)
+            if event is not None:
+                event.set()
 
     async def _collect(self, job: AsyncJob, timeout_s: float | None) -> dict[int, bytes]:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s

@@ -666,23 +666,28 @@ class Client:
                 first = cast(tuple[bytes, bytes] | None, conn.blpop([self._reply_key], timeout=1))
                 if first is None:
                     continue
-                more = cast(list[bytes] | None, conn.lpop(self._reply_key, 1024))
-                batch = [first[1], *(more or [])]
+                # The first notice is handed on before more are fetched: one round trip
+                # less between a lone job's result and its caller.
+                self._notify([first[1]])
+                while more := cast(list[bytes] | None, conn.lpop(self._reply_key, 1024)):
+                    self._notify(more)
             except (redis.ConnectionError, redis.TimeoutError):
                 time.sleep(0.2)
                 continue
-            with self._lock:
-                for raw in batch:
-                    if raw == _WAKE:
-                        continue
-                    try:
-                        notice = decode_notice(raw)
-                    except PayloadError:
-                        continue  # not ours to answer; the job's stored result is read by _collect
-                    waiter = self._waiters.get(notice.job_id)
-                    if waiter is not None:
-                        waiter.add(notice.chunk, notice.result)
         conn.close()
+
+    def _notify(self, batch: list[bytes]) -> None:
+        with self._lock:
+            for raw in batch:
+                if raw == _WAKE:
+                    continue
+                try:
+                    notice = decode_notice(raw)
+                except PayloadError:
+                    continue  # not ours to answer; the job's stored result is read by _collect
+                waiter = self._waiters.get(notice.job_id)
+                if waiter is not None:
+                    waiter.add(notice.chunk, notice.result)
 
     def _collect(self, job: Job, timeout_s: float | None) -> dict[int, bytes]:
         """Wait for every chunk of ``job``'s unit (the job, or its pack) and return its stored result bytes."""

@@ -179,3 +179,23 @@ def test_a_failing_piece_fails_the_big_request() -> None:
     with pytest.raises(ValueError, match="poisoned"):
         batcher.submit({"x": np.arange(45.0)[:, None]}, 45).result(timeout=10)
     batcher.close()
+
+
+def test_busy_time_counts_overlapping_calls_once() -> None:
+    import time
+
+    both = threading.Barrier(2, timeout=5)
+
+    def slow(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        both.wait()
+        time.sleep(0.2)
+        return double(inputs)
+
+    batcher, stats = _batcher(slow, max_batch_rows=10, instances=2)
+    batcher.submit({"x": np.arange(20.0)[:, None]}, 20).result(timeout=10)
+    deadline = time.monotonic() + 5
+    while len(stats) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    compute, busy = sum(s.compute_s for s in stats), sum(s.busy_s for s in stats)
+    assert compute >= 0.4 and 0.2 <= busy < 0.3
+    batcher.close()

@@ -46,6 +46,9 @@ class BatchStats:
     requests: int
     queue_wait_s: float
     compute_s: float
+    busy_s: float = 0.0
+    """Time some call of this model ran, accrued since the previous batch's stats (with
+    several instances, calls overlap: the sum of compute_s counts that time twice)."""
 
 
 class Arrivals:
@@ -147,6 +150,8 @@ class Batcher:
         # queued or on its way, runs on the caller's thread (no hand-off: low latency).
         self._busy = threading.Semaphore(max(1, instances))
         self._gathering = threading.Lock()  # one thread gathers the next batch at a time
+        self._clock = threading.Lock()
+        self._running, self._busy_since, self._busy_s = 0, 0.0, 0.0
         self._threads = [
             threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
             for i in range(max(1, instances))
@@ -242,12 +247,30 @@ class Batcher:
             with self._busy:
                 self._run(batch)
 
+    def _tick(self, delta: int, report: bool = False) -> float:
+        """Count a call in (+1) or out (-1); with ``report``, returns (and forgets) the busy
+        time accrued since the last report."""
+        with self._clock:
+            now = time.monotonic()
+            if self._running == 0:
+                self._busy_since = now
+            self._running += delta
+            if self._running == 0:
+                self._busy_s += now - self._busy_since
+                self._busy_since = now
+            if not report:
+                return 0.0
+            busy, self._busy_s = self._busy_s, 0.0
+            return busy
+
     def _run(self, batch: list[Request]) -> None:
         started = time.monotonic()
+        self._tick(+1)
         try:
             merged, slices = merge(batch)
             outputs = split(self._call(merged, slices[-1].stop), slices)
         except Exception as exc:
+            self._tick(-1)
             if len(batch) > 1:
                 mid = len(batch) // 2
                 log.info("batch of %d requests for %s failed (%s); bisecting", len(batch), self.name, exc)
@@ -256,11 +279,12 @@ class Batcher:
             else:
                 batch[0].future.set_exception(exc)
             return
+        compute, busy = time.monotonic() - started, self._tick(-1, report=True)
         for req, out in zip(batch, outputs):
             req.future.set_result(out)
         if self._on_batch is not None:
             wait = started - min(r.enqueued for r in batch)
-            self._on_batch(BatchStats(slices[-1].stop, len(batch), wait, time.monotonic() - started))
+            self._on_batch(BatchStats(slices[-1].stop, len(batch), wait, compute, busy))
 
     def _call(self, merged: Mapping[str, np.ndarray], rows: int) -> Arrays:
         """Run the model in pieces of at most max_batch_rows, halving them on OOM."""

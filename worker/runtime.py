@@ -266,17 +266,19 @@ class Runtime:
                     stopping = True
                     continue
                 ref, stats = entry
-                t = totals.setdefault(ref, [0, 0, 0, 0.0, 0.0])
-                for i, value in enumerate((1, stats.rows, stats.requests, stats.compute_s, stats.queue_wait_s)):
+                t = totals.setdefault(ref, [0, 0, 0, 0.0, 0.0, 0.0])
+                values = (1, stats.rows, stats.requests, stats.compute_s, stats.queue_wait_s, stats.busy_s)
+                for i, value in enumerate(values):
                     t[i] += value
             pipe = self.redis.pipeline(transaction=False)
-            for ref, (batches, rows, requests, compute_s, wait_s) in totals.items():
+            for ref, (batches, rows, requests, compute_s, wait_s, busy_s) in totals.items():
                 key = f"{self.keys.prefix}:stats:{ref}"
                 pipe.hincrby(key, "batches", int(batches))
                 pipe.hincrby(key, "rows", int(rows))
                 pipe.hincrby(key, "requests", int(requests))
                 pipe.hincrbyfloat(key, "compute_s", compute_s)
                 pipe.hincrbyfloat(key, "queue_wait_s", wait_s)
+                pipe.hincrbyfloat(key, "busy_s", busy_s)
             try:
                 if totals:
                     pipe.execute()
