@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     q = args.quick
     rows, jobs, naive_n, lat_jobs, repeats = (
-        (200_000, 4_000, 1_000, 200, 3) if q else (1_000_000, 20_000, 3_000, 1000, 3)
+        (200_000, 4_000, 1_000, 200, 3) if q else (1_000_000, 20_000, 3_000, 1000, 5)
     )
     work = Path(args.out).parent
     work.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adapters import Adapter, AdapterError, ModelLoadError, adapter_class
+from adapters import Adapter, ModelLoadError, adapter_class
 from adapters.parity import sample_inputs
 from producers.registry import ModelSpec, Registry
 from worker.batching import Arrivals, Batcher, BatchStats
@@ -33,6 +33,8 @@ class LoadedModel:
 # Frameworks whose sessions take a per-session thread count (torch's is process-wide).
 _CALIBRATED = frozenset({"onnx"})
 _PROBE_ROWS = 8192
+_PROBE_MIN_ROWS = 16
+_PROBE_S = 0.05
 _CALL_ROWS = (512, 1024, 2048, 4096, 8192)
 
 
@@ -41,16 +43,19 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _fastest_rows(adapter: Adapter, probe: dict[str, np.ndarray], max_rows: int) -> int:
-    """The call size (of _CALL_ROWS, at most ``max_rows``) with the least time per row."""
+    """The call size (of _CALL_ROWS, at most ``max_rows``) with the least time per row.
+
+    The session is single-threaded, so its calls run on this thread: this thread's CPU
+    time measures them without the time other processes held the core."""
     sizes = [r for r in _CALL_ROWS if r <= max_rows] or [max_rows]
     rows = len(next(iter(probe.values())))
     best: dict[int, float] = {}
-    for _ in range(3):  # best of three: the cores may be shared
+    for _ in range(3):
         for size in sizes:
-            started = time.perf_counter()
+            started = time.thread_time()
             for start in range(0, rows, size):
                 adapter.predict({n: a[start : start + size] for n, a in probe.items()})
-            elapsed = (time.perf_counter() - started) / rows
+            elapsed = time.thread_time() - started
             best[size] = min(best.get(size, elapsed), elapsed)
     return min(best, key=lambda size: best[size])
 
@@ -166,15 +171,17 @@ class ModelCache:
         keeps the multi-threaded one. With ``size``, the rows per call are the probe size
         that ran fastest per row (smaller calls keep activations in cache)."""
         shared = self._adapter(spec, {**options, "threads": 0}, "cpu")
-        try:
-            probe = sample_inputs(shared.describe()[0], rows=min(max_rows, _PROBE_ROWS))
-        except AdapterError as exc:
-            log.info("%s: no calibration (%s); one call uses every core", spec.ref, exc)
-            return shared, 1, max_rows
         single = self._adapter(spec, {**options, "threads": 1}, "cpu")
         try:
+            probe = sample_inputs(shared.describe()[0], rows=_PROBE_MIN_ROWS)
+            started = time.thread_time()
+            single.predict(probe)
+            per_row = (time.thread_time() - started) / _PROBE_MIN_ROWS
+            # A probe of about _PROBE_S per pass: 8192 rows of a small MLP, a few of a big CNN.
+            rows = int(min(max_rows, _PROBE_ROWS, max(_PROBE_MIN_ROWS, _PROBE_S / max(per_row, 1e-9))))
+            probe = sample_inputs(shared.describe()[0], rows=rows)
             want, got = shared.predict(probe), single.predict(probe)
-        except Exception as exc:  # e.g. random values out of an embedding's range
+        except Exception as exc:  # open sizes, strings, values out of an embedding's range...
             log.info("%s: no calibration (the probe batch failed: %s); one call uses every core", spec.ref, exc)
             single.unload()
             return shared, 1, max_rows
@@ -184,7 +191,7 @@ class ModelCache:
         if not same:
             log.info("%s: one thread per call changes its outputs; one call uses every core", spec.ref)
             return keep, 1, max_rows
-        if size:
+        if size and rows >= _CALL_ROWS[0]:
             max_rows = _fastest_rows(keep, probe, max_rows)
         return keep, _cores(), max_rows
 
