@@ -47,8 +47,8 @@ def _fastest_rows(adapter: Adapter, probe: dict[str, np.ndarray], max_rows: int)
 
     The session is single-threaded, so its calls run on this thread: this thread's CPU
     time measures them without the time other processes held the core."""
-    sizes = [r for r in _CALL_ROWS if r <= max_rows] or [max_rows]
     rows = len(next(iter(probe.values())))
+    sizes = [r for r in _CALL_ROWS if r <= min(max_rows, rows)] or [max_rows]
     best: dict[int, float] = {}
     for _ in range(3):
         for size in sizes:
@@ -174,6 +174,7 @@ class ModelCache:
         single = self._adapter(spec, {**options, "threads": 1}, "cpu")
         try:
             probe = sample_inputs(shared.describe()[0], rows=_PROBE_MIN_ROWS)
+            single.predict(probe)  # the first call allocates: not timed
             started = time.thread_time()
             single.predict(probe)
             per_row = (time.thread_time() - started) / _PROBE_MIN_ROWS
