@@ -56,3 +56,35 @@ def test_explicit_settings_are_not_calibrated(tmp_path: Path) -> None:
     cache, loaded = _load(tmp_path, built.directory, instances=1, max_batch_rows=300)
     assert loaded.batcher.max_batch_rows == 300 and len(loaded.batcher._threads) == 1  # type: ignore[attr-defined]
     cache.close()  # type: ignore[attr-defined]
+
+
+def test_a_probe_the_model_rejects_keeps_one_every_core_call(tmp_path: Path) -> None:
+    """Random probe indices beyond an embedding table make the probe fail: the model then
+    loads as it would without calibration, and valid jobs still score."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.arange(12, dtype=np.float32).reshape(4, 3)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["vectors"], axis=0)],
+        "embed",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, [None, 1])],
+        [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, [None, 1, 3])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    directory = tmp_path / "embed"
+    directory.mkdir()
+    onnx.save(model, directory / "model.onnx")
+    from worker.registration import write_config
+
+    write_config(directory, name="embed", framework="onnx", artifact="model.onnx")
+    cache, loaded = _load(tmp_path, directory)
+    assert len(loaded.batcher._threads) == 1  # type: ignore[attr-defined]
+    idx = np.array([[0], [3], [2]], dtype=np.int64)
+    got = loaded.batcher.submit({"idx": idx}, 3).result(timeout=30)  # type: ignore[attr-defined]
+    session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(got["vectors"], session.run(None, {"idx": idx})[0])
+    cache.close()  # type: ignore[attr-defined]

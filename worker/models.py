@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from adapters import Adapter, ModelLoadError, adapter_class
+from adapters.base import TensorInfo
 from adapters.parity import sample_inputs
 from producers.registry import ModelSpec, Registry
 from worker.batching import Arrivals, Batcher, BatchStats
@@ -173,14 +174,16 @@ class ModelCache:
         shared = self._adapter(spec, {**options, "threads": 0}, "cpu")
         single = self._adapter(spec, {**options, "threads": 1}, "cpu")
         try:
-            probe = sample_inputs(shared.describe()[0], rows=_PROBE_MIN_ROWS)
+            # The registry's shapes: the artifact may leave sizes open that the entry pins.
+            inputs = [TensorInfo(t.name, t.dtype, t.shape) for t in spec.inputs]
+            probe = sample_inputs(inputs, rows=_PROBE_MIN_ROWS)
             single.predict(probe)  # the first call allocates: not timed
             started = time.thread_time()
             single.predict(probe)
             per_row = (time.thread_time() - started) / _PROBE_MIN_ROWS
             # A probe of about _PROBE_S per pass: 8192 rows of a small MLP, a few of a big CNN.
             rows = int(min(max_rows, _PROBE_ROWS, max(_PROBE_MIN_ROWS, _PROBE_S / max(per_row, 1e-9))))
-            probe = sample_inputs(shared.describe()[0], rows=rows)
+            probe = sample_inputs(inputs, rows=rows)
             want, got = shared.predict(probe), single.predict(probe)
         except Exception as exc:  # open sizes, strings, values out of an embedding's range...
             log.info("%s: no calibration (the probe batch failed: %s); one call uses every core", spec.ref, exc)
