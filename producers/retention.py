@@ -16,8 +16,9 @@ from typing import Any, cast
 
 import redis
 
+from producers.errors import PayloadError
 from producers.publish import PRIORITY_STEPS, priority_list
-from producers.wire import Keys
+from producers.wire import Keys, TaskEnvelope
 
 __all__ = ["PurgeReport", "delete_job", "purge_model", "queue_keys"]
 
@@ -64,6 +65,13 @@ def _envelope(raw: bytes) -> dict[str, Any] | None:
         return None
 
 
+def _job_ids(env: dict[str, Any]) -> list[str]:
+    try:
+        return [item.job_id for item in TaskEnvelope.from_dict(env).items]
+    except PayloadError:
+        return []  # not a task hetbatch can read: its message still goes
+
+
 def _scan_list(client: redis.Redis, key: str) -> Iterator[bytes]:
     # Paged, so a long queue is never held at once; workers pop from the other end,
     # so pages only shift towards entries already seen (duplicates, never gaps).
@@ -91,7 +99,7 @@ def purge_model(client: redis.Redis, keys: Keys, name: str, queue: str) -> Purge
             env = _envelope(raw)
             if env is not None and env.get("model") == name:
                 matches.append(raw)
-                job_ids.update(str(item[0]) for item in env.get("items", []))
+                job_ids.update(_job_ids(env))
                 if env.get("pack"):  # a pack's jobs share one record and one result
                     doomed.update((keys.job(str(env["pack"])), keys.result(str(env["pack"]), 0)))
                 if env.get("payload_key"):

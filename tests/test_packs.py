@@ -133,3 +133,18 @@ def test_a_pack_result_lists_its_jobs_in_order_around_an_empty_one() -> None:
     assert isinstance(first, pa.Table) and first.column("y").to_pylist() == [1, 2]
     assert isinstance(second, RemoteError) and second.type == "SchemaMismatch"
     assert isinstance(third, pa.Table) and third.column("y").to_pylist() == [3]
+
+
+def test_purge_counts_every_job_of_a_queued_pack(private_redis: str) -> None:
+    """A pack's envelope lists its sizes, not its job ids: purge still finds every job."""
+    from producers.publish import celery_message
+    from producers.retention import purge_model
+    from producers.wire import TASK_NAME, Item, Keys, TaskEnvelope
+
+    items = tuple(Item(f"purge-pack-{i}", 0, 2) for i in range(7))
+    env = TaskEnvelope("purge-me", "1", items, payload_key="hb:in:purge-pack:0", pack="purge-pack")
+    r = redis.Redis.from_url(private_redis)
+    r.lpush("purge.cpu", celery_message(TASK_NAME, [env.to_dict()], "purge.cpu", 0, env.describe()))
+    report = purge_model(r, Keys("hb"), "purge-me", "purge.cpu")
+    assert (report.messages, report.jobs) == (1, 7)
+    assert r.llen("purge.cpu") == 0

@@ -93,3 +93,16 @@ def test_notices_carry_small_results_inline() -> None:
     n = Notice("job", 3, b"A\n\x00bytes")
     assert decode_notice(encode_notice(n)) == n
     assert decode_notice(encode_notice(Notice("job", 0))) == Notice("job", 0, None)
+
+
+def test_a_pack_envelope_carries_its_sizes_not_its_job_ids() -> None:
+    items = tuple(Item(f"p1-{i}", 0, rows) for i, rows in enumerate([3, 0, 5]))
+    env = TaskEnvelope("m", "1", items, payload_key="k", pack="p1")
+    body = env.to_dict()
+    assert "items" not in body and body["sizes"] == [3, 0, 5]
+    assert TaskEnvelope.from_dict(json.loads(json.dumps(body))) == env
+    for bad in ([1, -1], [1, "2"], [True], "3"):
+        with pytest.raises(PayloadError):
+            TaskEnvelope.from_dict({**body, "sizes": bad})
+    with pytest.raises(PayloadError):
+        TaskEnvelope.from_dict({k: v for k, v in body.items() if k != "pack"})

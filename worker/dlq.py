@@ -99,11 +99,15 @@ class DeadLetters:
                 self.redis.lrem(self.lk.dlq(), 0, task_id)
                 continue
             env = json.loads(raw[b"env"])
+            try:
+                jobs = tuple(i.job_id for i in TaskEnvelope.from_dict(env).items)
+            except PayloadError:
+                jobs = ()  # recorded by a producer of another schema: the task id still names it
             out.append(
                 DeadLetter(
                     task_id=task_id,
                     model=f"{env['model']}@{env['version']}",
-                    jobs=tuple(str(i[0]) for i in env["items"]),
+                    jobs=jobs,
                     attempts=int(raw.get(b"attempts", 0)),
                     reason=raw.get(b"reason", b"").decode(),
                     dead=float(raw.get(b"dead", 0)),
