@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -114,6 +115,7 @@ class ModelCache:
             if loaded is None:
                 loaded = self._load(spec)
                 self._models[spec.ref] = loaded
+                gc.freeze()  # the model's objects stay loaded: keep full collections off them
         return loaded
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
