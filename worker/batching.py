@@ -188,7 +188,7 @@ class Batcher:
                 left[0] -= 1
                 if left[0]:
                     return
-            failed = next((p.future.exception() for p in pieces if p.future.exception() is not None), None)
+            failed = next(filter(None, (p.future.exception() for p in pieces)), None)
             if failed is not None:
                 whole.set_exception(failed)
             else:

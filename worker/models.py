@@ -119,32 +119,33 @@ class ModelCache:
         return loaded
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
-        started = time.monotonic()
+        started, settings = time.monotonic(), self._settings
         options = dict(spec.options)
-        if spec.device == "gpu" and self._settings.pool != "gpu" and spec.fallback != "cpu":
+        if spec.device == "gpu" and settings.pool != "gpu" and spec.fallback != "cpu":
             raise ModelLoadError(
                 f"{spec.ref} is a gpu model without fallback = 'cpu': a cpu worker does not run it; "
                 f"start a gpu worker for queue {spec.queue}"
             )
-        device = "gpu" if spec.device == "gpu" and self._settings.pool == "gpu" else "cpu"
-        max_rows = spec.max_batch_rows or self._settings.max_batch_rows
+        device = "gpu" if spec.device == "gpu" and settings.pool == "gpu" else "cpu"
+        max_rows = spec.max_batch_rows or settings.max_batch_rows
         # scikit-learn calls are single-threaded: one instance per core. The others use every
         # core in one call unless calibration shows one thread per call gives the same bits.
-        instances = int(options.pop("instances", self._settings.instances)) or (
+        instances = int(options.pop("instances", settings.instances)) or (
             _cores() if spec.framework == "sklearn" else 1
         )
-        settings = self._settings
         explicit = {"instances", "threads"} & set(spec.options) or settings.instances or settings.intra_op_threads
         tune = spec.framework in _CALIBRATED and device == "cpu" and not explicit and _cores() > 1
         if tune:
             adapter, instances, max_rows = self._calibrate(spec, options, max_rows, size=not spec.max_batch_rows)
         else:
             # Several instances share the cores: one thread per call unless told otherwise.
-            options.setdefault("threads", self._settings.intra_op_threads or (1 if instances > 1 else 0))
+            options.setdefault("threads", settings.intra_op_threads or (1 if instances > 1 else 0))
             adapter = self._adapter(spec, options, device)
         load_s = time.monotonic() - started
-        log.info("loaded %s (%s on %s) in %.2f s", spec.ref, spec.framework, device, load_s)
-        log.info("%s: %d instance(s), at most %d rows per call", spec.ref, instances, max_rows)
+        log.info(
+            "loaded %s (%s on %s) in %.2f s: %d instance(s), at most %d rows per call",
+            *(spec.ref, spec.framework, device, load_s, instances, max_rows),
+        )
         on_batch, arrivals = self._on_batch, self._arrivals
         batcher = Batcher(
             adapter.predict,
