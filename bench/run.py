@@ -47,6 +47,9 @@ def large_job_rows_s(client: Client, name: str, X: np.ndarray) -> float:
     return len(X) / (time.perf_counter() - started)
 
 
+LANE_ROWS = 16  # the small jobs' largest size: every one of them takes the lane
+
+
 def small_pieces(X: np.ndarray, jobs: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     sizes = rng.integers(1, 17, jobs)
@@ -89,25 +92,26 @@ def small_jobs_s(client: Client, name: str, pieces: list[np.ndarray], coalesce: 
     return len(pieces) / (time.perf_counter() - started)
 
 
-def _producer_process(url: str, name: str, jobs: int, seed: int, out: Any) -> None:
+def _producer_process(url: str, name: str, jobs: int, seed: int, out: Any, lane_max_rows: int) -> None:
     X = np.random.default_rng(seed).standard_normal((4096, FEATURES)).astype(np.float32)
-    with Client.from_url(url) as client:
+    with Client.from_url(url, lane_max_rows=lane_max_rows) as client:
         pieces = small_pieces(X, jobs, seed)
         client.predict(name, pieces[0], timeout_s=60)
         out.put(small_jobs_s(client, name, pieces, coalesce=False))
 
 
-def many_producers_jobs_s(url: str, name: str, producers: int, jobs_each: int) -> float:
+def many_producers_jobs_s(url: str, name: str, producers: int, jobs_each: int, lane_max_rows: int = 0) -> float:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_producer_process, args=(url, name, jobs_each, i, queue)) for i in range(producers)]
-    started = time.perf_counter()
+    procs = [
+        ctx.Process(target=_producer_process, args=(url, name, jobs_each, i, queue, lane_max_rows))
+        for i in range(producers)
+    ]
     for p in procs:
         p.start()
     rates = [queue.get(timeout=900) for _ in procs]
     for p in procs:
         p.join()
-    del started
     return float(sum(rates))
 
 
@@ -245,8 +249,17 @@ def main(argv: list[str] | None = None) -> int:
                 print("[bench] many independent producers...", flush=True)
                 fig["many_producers_jobs_s"] = many_producers_jobs_s(server.url, mlp, 4, jobs // 8)
                 fig["many_producers_vs_noop"] = fig["many_producers_jobs_s"] / noop
-                print(f"[bench] latency of 1-row jobs at 100 jobs/s ({lat_jobs} jobs)...", flush=True)
-                fig["latency_p50_ms"], fig["latency_p99_ms"] = latency_ms(client, mlp, X, lat_jobs, 100.0)
+                # The same jobs on the lane (lane_max_rows): bare envelopes drained in batches.
+                fig["many_producers_lane_jobs_s"] = many_producers_jobs_s(server.url, mlp, 4, jobs // 8, LANE_ROWS)
+                fig["many_producers_lane_vs_noop"] = fig["many_producers_lane_jobs_s"] / noop
+                with Client.from_url(server.url, lane_max_rows=LANE_ROWS) as lane_client:
+                    fig["small_lane_jobs_s"] = small_jobs_s(lane_client, mlp, pieces[: jobs // 4], coalesce=False)
+                    fig["lane_vs_naive"] = fig["small_lane_jobs_s"] / naive
+                    print(f"[bench] latency of 1-row jobs at 100 jobs/s ({lat_jobs} jobs)...", flush=True)
+                    fig["latency_p50_ms"], fig["latency_p99_ms"] = latency_ms(client, mlp, X, lat_jobs, 100.0)
+                    fig["latency_lane_p50_ms"], fig["latency_lane_p99_ms"] = latency_ms(
+                        lane_client, mlp, X, lat_jobs, 100.0
+                    )
         finally:
             client.close()
             stop_process(worker)
@@ -281,6 +294,7 @@ def print_table(results: dict[str, Any]) -> None:
         print("\nsmall jobs (1-16 rows, onnx-mlp), jobs/s:")
         print(f"  naive one Celery task per row   {fig['naive_jobs_s']:10,.0f}   1.0x")
         print(f"  hetbatch, one submit per job    {fig['small_single_jobs_s']:10,.0f}  {fig['single_vs_naive']:5.1f}x")
+        print(f"    the same on the lane          {fig['small_lane_jobs_s']:10,.0f}  {fig['lane_vs_naive']:5.1f}x")
         coalesced, ratio = fig["small_coalesced_jobs_s"], fig["coalesced_vs_naive"]
         print(f"  hetbatch, submit_many coalesced {coalesced:10,.0f}  {ratio:5.1f}x")
         print(f"    (formed batches average {fig['small_avg_batch_rows']:.0f} rows)")
@@ -293,10 +307,16 @@ def print_table(results: dict[str, Any]) -> None:
             f"= {fig['many_producers_vs_noop']:.2f}x Celery no-op rate ({fig['celery_noop_tasks_s']:,.0f}/s)"
         )
         print(
+            f"    the same on the lane          {fig['many_producers_lane_jobs_s']:9,.0f}  "
+            f"= {fig['many_producers_lane_vs_noop']:.2f}x"
+        )
+        print(
             f"  model calls inside a worker draining the backlog ({fig['drain_avg_batch_rows']:.0f}-row batches): "
             f"{fig['worker_model_efficiency']:.2f}x in-process at that batch size"
         )
         print(f"  latency, 1-row jobs at 100/s: p50 {fig['latency_p50_ms']:.1f} ms, p99 {fig['latency_p99_ms']:.1f} ms")
+        lane_p50, lane_p99 = fig["latency_lane_p50_ms"], fig["latency_lane_p99_ms"]
+        print(f"    on the lane:                  p50 {lane_p50:.1f} ms, p99 {lane_p99:.1f} ms")
     ens = results.get("ensemble")
     if ens:
         print(f"\nensemble (soft vote of {', '.join(ens['members'])}), {ens['rows']:,} rows:")

@@ -30,7 +30,7 @@ from producers.errors import (
     SchemaMismatch,
 )
 from producers.ledger import Attempt, Ledger, task_id_of
-from producers.publish import TRANSPORT_OPTIONS, celery_message, priority_list
+from producers.publish import LANE_PRIORITY, TRANSPORT_OPTIONS, celery_message, lane_list, priority_list
 from producers.registry import ModelSpec, Registry, Spec, parse_ref
 from producers.retention import PurgeReport, delete_job, purge_model
 from producers.schema import CastRule, arrays_to_table, to_arrays, to_table, unwrap_tensors
@@ -353,6 +353,7 @@ class Client:
         pipe = self.redis.pipeline(transaction=False)
         outbox: list[TaskEnvelope] = []
         self._record(pipe, job.id, job.model, job.chunks, job.rows)
+        lane = job.chunks == 1 and level == LANE_PRIORITY and 0 < job.rows <= self.settings.lane_max_rows
         buffered = 0
         try:
             for chunk, start in enumerate(starts):
@@ -361,7 +362,7 @@ class Client:
                 env = self._envelope(
                     spec, [Item(job.id, chunk, part.num_rows)], blob, self.keys.input(job.id, chunk), pipe, deadline
                 )
-                self._enqueue(pipe, queue, env, level, outbox)
+                self._enqueue(pipe, queue, env, level, outbox, lane=lane)
                 buffered += len(blob)
                 if buffered >= _FLUSH_BYTES:  # let workers start on early chunks of a big job
                     self._execute(pipe, outbox)
@@ -608,12 +609,18 @@ class Client:
         # execute_command skips redis-py's per-call argument wrappers.
         pipe.execute_command("SET", self.keys.job(unit), json.dumps(meta), "EX", self.settings.result_ttl_s)
 
-    def _enqueue(self, pipe: Any, queue: str, env: TaskEnvelope, level: int, outbox: list[TaskEnvelope]) -> None:
-        """Queue the task's ledger record, then its message, on ``pipe``."""
+    def _enqueue(
+        self, pipe: Any, queue: str, env: TaskEnvelope, level: int, outbox: list[TaskEnvelope], lane: bool = False
+    ) -> None:
+        """Queue the task's ledger record, then its message (or, on the lane, its bare envelope), on ``pipe``."""
+        body = env.to_dict()
         # Recorded before it is published, in the same round trip: a lost message can be published again.
-        self.ledger.record(pipe, env, queue, self.settings.input_ttl_s)
-        message = celery_message(TASK_NAME, [env.to_dict()], queue, level, env.describe(), task_id_of(env))
-        pipe.lpush(priority_list(queue, level), message)
+        text = self.ledger.record(pipe, env, queue, self.settings.input_ttl_s, body)
+        if lane:
+            pipe.lpush(lane_list(queue), text)
+        else:
+            message = celery_message(TASK_NAME, [body], queue, level, env.describe(), task_id_of(env))
+            pipe.lpush(priority_list(queue, level), message)
         outbox.append(env)
 
     def _execute(self, pipe: Any, outbox: list[TaskEnvelope]) -> None:

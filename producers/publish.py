@@ -16,7 +16,15 @@ import socket
 import uuid
 from typing import Any
 
-__all__ = ["PRIORITY_SEP", "PRIORITY_STEPS", "TRANSPORT_OPTIONS", "celery_message", "priority_list"]
+__all__ = [
+    "LANE_PRIORITY",
+    "PRIORITY_SEP",
+    "PRIORITY_STEPS",
+    "TRANSPORT_OPTIONS",
+    "celery_message",
+    "lane_list",
+    "priority_list",
+]
 
 PRIORITY_SEP = ":"
 PRIORITY_STEPS = list(range(10))
@@ -33,6 +41,19 @@ _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 def priority_list(queue: str, priority: int) -> str:
     """The Redis list kombu reads for ``queue`` at ``priority`` (0 is the bare name)."""
     return f"{queue}{PRIORITY_SEP}{priority}" if priority else queue
+
+
+# The lane carries normal-priority jobs only: high and low ones keep Celery's priority lists.
+LANE_PRIORITY = 5
+
+
+def lane_list(queue: str) -> str:
+    """The Redis list of ``queue``'s lane: bare task envelopes (JSON), no Celery frame.
+
+    Workers drain it many envelopes at a time (``worker.lane``), which spares small jobs
+    Celery's per-message cost; the ledger covers its jobs as it covers Celery's.
+    """
+    return f"{queue}{PRIORITY_SEP}lane"
 
 
 def celery_message(

@@ -17,7 +17,7 @@ from typing import Any, cast
 import redis
 
 from producers.errors import PayloadError
-from producers.publish import PRIORITY_STEPS, priority_list
+from producers.publish import PRIORITY_STEPS, lane_list, priority_list
 from producers.wire import Keys, TaskEnvelope
 
 __all__ = ["PurgeReport", "delete_job", "purge_model", "queue_keys"]
@@ -28,6 +28,11 @@ _PAGE = 1000
 def queue_keys(queue: str) -> list[str]:
     """The Redis lists that hold ``queue``'s waiting messages, highest priority first."""
     return [priority_list(queue, step) for step in PRIORITY_STEPS]
+
+
+def _waiting_lists(queue: str) -> list[str]:
+    """``queue_keys`` and the queue's lane."""
+    return [*queue_keys(queue), lane_list(queue)]
 
 
 @dataclass(frozen=True)
@@ -52,9 +57,11 @@ def delete_job(client: redis.Redis, keys: Keys, job_id: str, chunks: int) -> int
 
 
 def _envelope(raw: bytes) -> dict[str, Any] | None:
-    """The task envelope inside a kombu message, or None when it is not ours."""
+    """The task envelope inside a kombu message or of a lane entry, or None when it is not ours."""
     try:
         message = json.loads(raw)
+        if isinstance(message, dict) and "model" in message:  # a lane entry: the bare envelope
+            return cast(dict[str, Any], message)
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
@@ -93,7 +100,7 @@ def purge_model(client: redis.Redis, keys: Keys, name: str, queue: str) -> Purge
     removed_messages = 0
     job_ids: set[str] = set()
     doomed: set[str] = set()
-    for key in queue_keys(queue):
+    for key in _waiting_lists(queue):
         matches = []
         for raw in _scan_list(client, key):
             env = _envelope(raw)

@@ -52,6 +52,11 @@ class ClientSettings:
     """How long a resolved ``name`` -> version is cached on the client."""
     publish_retries: int = 5
     """Attempts to publish a task before raising BrokerError."""
+    lane_max_rows: int = 0
+    """Single-chunk, normal-priority jobs of up to this many rows go on the queue's lane
+    (``producers.publish.lane_list``) instead of one Celery message each: workers take
+    them many at a time, at a fraction of the per-message cost. 0 turns the lane off.
+    Lane jobs do not show as Celery tasks in Flower."""
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ClientSettings:

@@ -43,7 +43,7 @@ ACL_COMMANDS = (
     "auth", "hello", "ping", "select", "echo", "quit", "reset", "client|setname", "client|id", "time",
     "get", "set", "del", "exists", "expire", "pexpire", "mget", "incr", "incrby",
     "hget", "hset", "hsetnx", "hdel", "hgetall", "hkeys", "hvals", "hmget", "hincrby", "hincrbyfloat",
-    "lpush", "rpush", "lpop", "blpop", "brpop", "llen", "lrange", "lrem", "sadd", "srem", "smembers",
+    "lpush", "rpush", "lpop", "blpop", "brpop", "blmpop", "llen", "lrange", "lrem", "sadd", "srem", "smembers",
     "zadd", "zrem", "zrange", "zrangebyscore", "multi", "exec", "discard", "watch", "unwatch",
     "eval", "evalsha", "script|load", "script|exists",
     "publish", "subscribe", "psubscribe", "unsubscribe", "punsubscribe",
@@ -94,6 +94,9 @@ def test_the_acl_user_runs_jobs_but_nothing_else(secured: tuple[RedisServer, str
         for job, x in zip(jobs, [built.X[:3], built.X[3:10]], strict=True):
             np.testing.assert_array_equal(column(job.result(timeout_s=120), "label"), built.model.predict(x))
         assert len(jobs[0].attempts()) == 1
+        with Client.from_url(url, lane_max_rows=16) as lane:  # the lane's commands are allowed too
+            out = lane.predict("acl-iris", built.X[:4], timeout_s=120)
+            np.testing.assert_array_equal(column(out, "label"), built.model.predict(built.X[:4]))
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         for args in (["reconcile", "--once", "--overdue-s", "0"], ["dlq", "list"], ["dlq", "purge"]):
             done = subprocess.run(

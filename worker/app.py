@@ -16,6 +16,7 @@ from kombu import Exchange, Queue
 from producers.publish import TRANSPORT_OPTIONS
 from producers.wire import CELERY_WIRE_CONFIG, FUSE_TASK_NAME, TASK_NAME
 from worker.ensemble import EnsembleRunner
+from worker.lane import Lane
 from worker.runtime import Runtime
 from worker.settings import WorkerSettings
 from worker.transport import reuse_redis_clients
@@ -88,16 +89,23 @@ def make_app(settings: WorkerSettings) -> Celery:
             raise Reject(f"Redis unavailable: {exc}", requeue=True) from exc
 
     watchdog = Watchdog(settings)
+    lanes: list[Lane] = []
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def _start_watchdog(**_: Any) -> None:
         watchdog.start()
+        if settings.lane_slots > 0:
+            lanes.append(
+                Lane(runtime(), settings.queue_names, batch=settings.lane_batch, slots=settings.lane_slots).start()
+            )
         # Start-up's objects (modules, the app) live as long as the worker: a full
         # collection that walks them all stalls every thread for 40-60 ms.
         gc.freeze()
 
     @worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _stop_watchdog(**_: Any) -> None:
+        for lane in lanes:
+            lane.stop()
         watchdog.stop()
 
     @app.task(name=FUSE_TASK_NAME, ignore_result=True)  # type: ignore[untyped-decorator]

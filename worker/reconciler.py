@@ -29,9 +29,11 @@ from typing import Any, cast
 import redis
 
 from producers.errors import PayloadError
-from producers.ledger import LedgerKeys
+from producers.ledger import LedgerKeys, task_id_of
+from producers.publish import lane_list
 from producers.wire import TASK_NAME, Keys, TaskEnvelope
 from worker.dlq import DeadLetters
+from worker.lane import held_index
 
 __all__ = ["LeaderLock", "Reconciler", "Republisher", "SweepReport", "add_parser"]
 
@@ -205,20 +207,45 @@ class Reconciler:
         missing = {t for t, found in zip(order, pipe.execute(), strict=True) if not found}
         return missing
 
+    def _held_lists(self) -> list[str]:
+        """The lane lists live workers vouch for; those of dead workers are forgotten."""
+        index = held_index(self.keys.prefix)
+        now_ms = time.time() * 1000
+        held = {k.decode(): float(v) for k, v in cast(dict[bytes, bytes], self.redis.hgetall(index)).items()}
+        stale = [k for k, until in held.items() if until < now_ms]
+        if stale:
+            self.redis.hdel(index, *stale)
+        return sorted(k for k, until in held.items() if until >= now_ms)
+
     def _in_broker(self, queues: set[str]) -> set[str]:
-        """Task ids of every message waiting in ``queues`` or delivered and not yet acked."""
+        """Task ids of every message waiting in ``queues`` or delivered and not yet acked,
+        and of every job waiting on those queues' lanes or held by a live worker's lane."""
         pipe = self.redis.pipeline(transaction=False)
         for queue in sorted(queues):
             for pri in range(_PRIORITY_STEPS):
                 pipe.lrange(queue if pri == 0 else f"{queue}:{pri}", 0, -1)
         pipe.hvals(_UNACKED)
+        lanes = [lane_list(q) for q in sorted(queues)] + self._held_lists()
+        for key in lanes:
+            pipe.lrange(key, 0, -1)
         found: set[str] = set()
         results = pipe.execute()
-        for raw in [m for chunk in results[:-1] for m in chunk]:
+        split = len(results) - len(lanes) - 1
+        for raw in [m for chunk in results[:split] for m in chunk]:
             found.add(_message_id(raw))
-        for raw in results[-1]:
+        for raw in results[split]:
             found.add(_message_id(raw, unacked=True))
+        for raw in [m for chunk in results[split + 1 :] for m in chunk]:
+            found.add(_lane_id(raw))
         return found
+
+
+def _lane_id(raw: bytes) -> str:
+    """The task id of a lane entry (a bare envelope)."""
+    try:
+        return task_id_of(TaskEnvelope.from_dict(json.loads(raw)))
+    except (ValueError, TypeError, AttributeError, PayloadError):
+        return ""
 
 
 def _message_id(raw: bytes, unacked: bool = False) -> str:

@@ -106,6 +106,7 @@ def outcomes_of(env: TaskEnvelope, done: Sequence[Done], max_bytes: int) -> list
 
 class ResultWriter:
     def __init__(self, client: redis.Redis, keys: Keys, *, ttl_s: int, inline_bytes: int) -> None:
+        self._client = client
         self._script = client.register_script(_STORE)
         self._keys = keys
         self._ttl_ms = ttl_s * 1000
@@ -119,6 +120,22 @@ class ResultWriter:
         ledger's list of tasks to watch in the same round trip (the reconciler would only
         find it done later, at a cost).
         """
+        keys, args = self._call(outcomes, reply_to, finished)
+        return int(self._script(keys=keys, args=args))
+
+    def write_many(self, writes: Sequence[tuple[Sequence[Outcome], str | None, str | None]]) -> list[int]:
+        """``write`` for several tasks' ``(outcomes, reply_to, finished)`` in one round trip."""
+        if len(writes) == 1:  # a pipeline would add a SCRIPT EXISTS round trip
+            return [self.write(*writes[0])]
+        pipe = self._client.pipeline(transaction=False)
+        for outcomes, reply_to, finished in writes:
+            keys, args = self._call(outcomes, reply_to, finished)
+            self._script(keys=keys, args=args, client=pipe)
+        return [int(n) for n in pipe.execute()]
+
+    def _call(
+        self, outcomes: Sequence[Outcome], reply_to: str | None, finished: str | None
+    ) -> tuple[list[str], list[bytes | memoryview | str | int]]:
         args: list[bytes | memoryview | str | int] = [self._ttl_ms, finished or ""]
         for out in outcomes:
             inline = bytes(out.result) if len(out.result) <= self._inline else None
@@ -127,7 +144,7 @@ class ResultWriter:
                 out.result,
                 encode_notice(Notice(out.job_id, out.chunk, inline)),
             ]
-        return int(self._script(keys=[reply_to or "", self._ledger if finished else ""], args=args))
+        return [reply_to or "", self._ledger if finished else ""], args
 
     def existing(self, client: redis.Redis, items: Sequence[tuple[str, int]]) -> list[bool]:
         """Which job chunks already have a stored result (redelivered or duplicate tasks)."""

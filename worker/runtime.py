@@ -12,9 +12,10 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -55,6 +56,18 @@ def _check_finite(arrays: Mapping[str, np.ndarray], start: int = 0, rows: int | 
                 expected="finite values",
                 received="NaN/inf",
             )
+
+
+@dataclass
+class _Calls:
+    """A task's items once ``Runtime._start`` handled them: outcomes known already (items
+    rejected before batching) and the model requests still running."""
+
+    outcomes: list[Done]
+    pending: list[tuple[list[tuple[int, Item]], Future[Arrays]]] = field(default_factory=list)
+    arrays: Mapping[str, np.ndarray] | None = None
+    spec: ModelSpec | None = None
+    model: LoadedModel | None = None
 
 
 class Runtime:
@@ -116,6 +129,47 @@ class Runtime:
             claim=claim,
         )
 
+    def handle_many(self, bodies: Sequence[Any]) -> int:
+        """Run several task bodies together (a lane batch; ``worker.lane``): one ledger round
+        trip, every job's rows in the model's batcher at once, one result round trip.
+        Returns how many tasks it ran. What ``handle`` guarantees holds for each task."""
+        envs = []
+        for body in bodies:
+            try:
+                envs.append(TaskEnvelope.from_dict(body))
+            except PayloadError as exc:
+                log.error("dropped a task with a malformed envelope: %s", exc)
+        if not envs:
+            return 0
+        starts = self.ledger.begin_many(
+            envs, worker=self.worker_id, ttl_s=self.settings.result_ttl_s, max_attempts=self.settings.max_attempts
+        )
+        running: list[tuple[TaskEnvelope, _Calls]] = []
+        later: list[TaskEnvelope] = []
+        # The whole batch is on its way: a batcher must not start a call for the first
+        # job while the others are still being decoded.
+        refs = [f"{env.model}@{env.version}" for env in envs]
+        for ref in refs:
+            self.arrivals.enter(ref)
+        try:
+            for env, start in zip(envs, starts, strict=True):
+                todo = self._pending_items(env, start.done)
+                if start.verdict == "run" and todo:
+                    running.append((env, self._start(env, todo)))
+                elif start.verdict == "suspect":
+                    later.append(env)
+                else:  # a duplicate or a dead letter: no model call
+                    self._handle(env, start)
+        finally:
+            for ref in refs:
+                self.arrivals.leave(ref)
+        self._store([(env, self._collect(calls)) for env, calls in running])
+        for env in later:  # attempted before: alone, after the innocent batch is stored
+            with self._isolation:
+                self._warm(env)
+                self._handle(env, self._begin(env, claim=True))
+        return len(envs)
+
     def _handle(self, env: TaskEnvelope, start: Start) -> dict[str, Any]:
         todo = self._pending_items(env, start.done)
         if not todo:
@@ -127,16 +181,29 @@ class Runtime:
             self.dead_letters.bury(env, start.attempts, reason)
             return {"model": env.model, "dead_lettered": len(todo)}
         done = self._run(env, todo)
-        outcomes = outcomes_of(env, done, self.settings.max_result_bytes)
-        stored = self.writer.write(outcomes, env.reply_to, finished=task_id_of(env))
-        if stored < len(outcomes):  # another execution of the same items finished first
-            self.ledger.count("duplicate_results", len(outcomes) - stored)
-        self._after_store(env)
-        self.metrics.observe_done(f"{env.model}@{env.version}", done)
-        if env.payload_key is not None and env.then is None:  # an ensemble's input is shared: fusion drops it
-            self.redis.delete(env.payload_key)
+        self._store([(env, done)])
         failed = sum(len(d.items) for d in done if d.error is not None)
         return {"model": f"{env.model}@{env.version}", "items": len(todo), "failed": failed, "rows": env.rows}
+
+    def _store(self, finished: Sequence[tuple[TaskEnvelope, list[Done]]]) -> None:
+        """Write the outcomes of finished tasks (one round trip), then hand each on."""
+        if not finished:
+            return
+        writes = [
+            (outcomes_of(env, done, self.settings.max_result_bytes), env.reply_to, task_id_of(env))
+            for env, done in finished
+        ]
+        stored = self.writer.write_many(writes)
+        duplicates = sum(len(outcomes) - n for (outcomes, _, _), n in zip(writes, stored, strict=True))
+        if duplicates:  # another execution of the same items finished first
+            self.ledger.count("duplicate_results", duplicates)
+        for env, done in finished:
+            self._after_store(env)
+            self.metrics.observe_done(f"{env.model}@{env.version}", done)
+        # An ensemble's input is shared: fusion drops it.
+        inputs = [env.payload_key for env, _ in finished if env.payload_key is not None and env.then is None]
+        if inputs:
+            self.redis.delete(*inputs)
 
     def _after_store(self, env: TaskEnvelope) -> None:
         for hook in self.after_store:
@@ -155,9 +222,13 @@ class Runtime:
         return out
 
     def _run(self, env: TaskEnvelope, todo: list[tuple[int, Item]]) -> list[Done]:
+        return self._collect(self._start(env, todo))
+
+    def _start(self, env: TaskEnvelope, todo: list[tuple[int, Item]]) -> _Calls:
+        """Validate the items and hand their rows to the model's batcher (no waiting)."""
         if env.deadline is not None and time.time() > env.deadline:
             why = f"deadline passed {time.time() - env.deadline:.1f} s before it ran; the model was not called"
-            return [_error(o, i, JobExpired(i.job_id, why)) for o, i in todo]
+            return _Calls([_error(o, i, JobExpired(i.job_id, why)) for o, i in todo])
         ref = f"{env.model}@{env.version}"
         self.arrivals.enter(ref)
         try:
@@ -168,7 +239,7 @@ class Runtime:
             except Exception as exc:  # everything here is about the whole task's input
                 if not isinstance(exc, HetbatchError):
                     log.warning("task for %s failed before batching: %s", env.describe(), exc)
-                return [_error(o, i, exc) for o, i in todo]
+                return _Calls([_error(o, i, exc) for o, i in todo])
             outcomes: list[Done] = []
             runs: list[list[tuple[int, Item]]] = []  # contiguous valid items share one model request
             check_items = False
@@ -194,8 +265,14 @@ class Runtime:
         finally:
             self.arrivals.leave(ref)
         pending = [(run, self._submit(model.batcher, arrays, run)) for run in runs]
-        for run, future in pending:
-            outcomes += self._finish(run, future, arrays, spec, model)
+        return _Calls(outcomes, pending, arrays, spec, model)
+
+    def _collect(self, calls: _Calls) -> list[Done]:
+        """Wait for the model requests ``_start`` made; every item's outcome."""
+        outcomes = calls.outcomes
+        for run, future in calls.pending:
+            assert calls.arrays is not None and calls.spec is not None and calls.model is not None
+            outcomes += self._finish(run, future, calls.arrays, calls.spec, calls.model)
         return outcomes
 
     @staticmethod

@@ -55,6 +55,10 @@ class WorkerSettings:
     """How often the worker writes its status (pool, queues, loaded models) to Redis."""
     max_result_bytes: int = 256 * 1024 * 1024
     """Largest stored result of one chunk (a Redis string holds 512 MB at most)."""
+    lane_batch: int = 256
+    """Most lane jobs (``worker.lane``) taken from Redis at once."""
+    lane_slots: int = 4
+    """Lane batches running at once (0: this worker does not drain the lanes)."""
     task_events: bool = False
     """Send Celery task events from the start. Off by default: each costs three Redis round
     trips per task, and Flower turns them on by itself while it watches (its enable_events)."""

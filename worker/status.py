@@ -24,7 +24,7 @@ from typing import Any, cast
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
-from producers.publish import PRIORITY_STEPS
+from producers.publish import LANE_PRIORITY, PRIORITY_STEPS, lane_list
 from producers.retention import queue_keys
 from producers.wire import DEVICES, FRAMEWORKS, Keys, queue_for
 from worker.settings import WorkerSettings
@@ -45,8 +45,14 @@ def queue_depths(client: redis.Redis, queues: Iterable[str]) -> dict[str, dict[i
     for queue in names:
         for key in queue_keys(queue):
             pipe.llen(key)
-    counts = iter(cast(list[int], pipe.execute()))
-    return {queue: {step: int(next(counts)) for step in PRIORITY_STEPS} for queue in names}
+    for queue in names:
+        pipe.llen(lane_list(queue))
+    counts = cast(list[int], pipe.execute())
+    steps = iter(counts)
+    depths = {queue: {step: int(next(steps)) for step in PRIORITY_STEPS} for queue in names}
+    for queue, lane in zip(names, counts[len(names) * len(PRIORITY_STEPS) :], strict=True):
+        depths[queue][LANE_PRIORITY] += int(lane)  # lane jobs are normal-priority jobs
+    return depths
 
 
 # Delete a liveness key only while it still holds this worker's name.

@@ -1,0 +1,148 @@
+"""The lane: small normal-priority jobs pushed as bare envelopes and drained in batches.
+
+Real Redis (private servers), real worker processes, real models; every result is
+compared with the model's in-process predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from producers import Client, JobFailed
+from producers.ledger import LedgerKeys
+from producers.publish import lane_list, priority_list
+from producers.retention import queue_keys
+from tests.faults import FaultyWorker
+from tests.helpers import WorkerProcess, column, register
+from tests.models import Built, sklearn_model
+from worker.lane import held_index
+from worker.redis_server import RedisServer
+from worker.status import queue_depths
+
+FAST = {
+    "HETBATCH_VISIBILITY_TIMEOUT_S": "8",
+    "HETBATCH_LEASE_INTERVAL_S": "1",
+    "HETBATCH_RESTORE_INTERVAL_S": "1",
+    "HETBATCH_OVERDUE_S": "3",
+    "HETBATCH_RECONCILE_INTERVAL_S": "1",
+}
+QUEUE = "sklearn.cpu"
+
+
+@pytest.fixture()
+def server() -> Iterator[RedisServer]:
+    srv = RedisServer()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def iris(work_dir: Path) -> Built:
+    return sklearn_model(work_dir / "lane-iris", "lane-iris", "iris", nan="reject")
+
+
+def _pieces(built: Built, jobs: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    return [built.X[s : s + n] for s, n in zip(rng.integers(0, 134, jobs), rng.integers(1, 17, jobs))]
+
+
+def _waiting(r: redis.Redis) -> tuple[int, int]:
+    """(messages on the queue's Celery lists, envelopes on its lane)."""
+    return sum(int(r.llen(k)) for k in queue_keys(QUEUE)), int(r.llen(lane_list(QUEUE)))
+
+
+def test_small_jobs_take_the_lane_and_match_in_process(server: RedisServer, iris: Built, work_dir: Path) -> None:
+    pieces = _pieces(iris, 300)
+    with Client.from_url(server.url, lane_max_rows=16) as client:
+        register(client, iris.directory)
+        jobs = [client.submit("lane-iris", p) for p in pieces]
+        big = client.submit("lane-iris", iris.X[:40])  # over lane_max_rows: a Celery task
+        urgent = client.submit("lane-iris", iris.X[:3], priority="high")  # the lane is normal priority only
+        assert _waiting(client.redis) == (2, 300)
+        assert client.redis.llen(priority_list(QUEUE, 0)) == 1
+        assert queue_depths(client.redis, [QUEUE])[QUEUE][5] == 301  # status counts lane jobs as normal
+        worker = WorkerProcess(server.url, work_dir)
+        try:
+            for piece, job in zip(pieces, jobs, strict=True):
+                out = job.result(timeout_s=60)
+                np.testing.assert_array_equal(column(out, "label"), iris.model.predict(piece))
+                np.testing.assert_allclose(column(out, "probabilities"), iris.model.predict_proba(piece), atol=1e-6)
+            for job, rows in ((big, 40), (urgent, 3)):
+                np.testing.assert_array_equal(
+                    column(job.result(timeout_s=60), "label"), iris.model.predict(iris.X[:rows])
+                )
+            assert _waiting(client.redis) == (0, 0)
+            assert not client.redis.hgetall(held_index("hb"))  # nothing left held
+            assert not list(client.redis.scan_iter(match="hb:lane:held:*"))
+            assert client.redis.zcard(LedgerKeys().ledger()) == 0  # every task answered
+            # Drained in batches: far fewer ledger round trips than jobs would show as
+            # one attempt each, all recorded.
+            assert client.ledger.counters()["attempts"] == 302
+        finally:
+            worker.stop()
+
+
+def test_bad_lane_entries_fail_alone_and_the_worker_stays_up(server: RedisServer, iris: Built, work_dir: Path) -> None:
+    with Client.from_url(server.url, lane_max_rows=16) as client:
+        register(client, iris.directory)
+        bad = iris.X[:4].copy()
+        bad[1, 2] = np.nan
+        before = client.submit("lane-iris", iris.X[:5])
+        poisoned = client.submit("lane-iris", bad)
+        client.redis.lpush(lane_list(QUEUE), b"\x00not json", json.dumps({"v": 1, "items": "nonsense"}))
+        after = client.submit("lane-iris", iris.X[5:9])
+        worker = WorkerProcess(server.url, work_dir)
+        try:
+            np.testing.assert_array_equal(column(before.result(timeout_s=60), "label"), iris.model.predict(iris.X[:5]))
+            np.testing.assert_array_equal(column(after.result(timeout_s=60), "label"), iris.model.predict(iris.X[5:9]))
+            with pytest.raises(JobFailed, match="NaN") as info:
+                poisoned.result(timeout_s=60)
+            assert info.value.remote_details["column"] == "X"
+            assert worker.alive()
+            assert "malformed envelope" in worker.output() and "not JSON" in worker.output()
+        finally:
+            worker.stop()
+
+
+def test_a_sigkilled_workers_lane_jobs_are_published_again(server: RedisServer, work_dir: Path) -> None:
+    slow = sklearn_model(work_dir / "lane-slow", "lane-slow", "iris", options={"sleep_s": 3.0})
+    first = FaultyWorker(server.url, work_dir, env=FAST)
+    second = None
+    try:
+        with Client.from_url(server.url, lane_max_rows=16) as client:
+            register(client, slow.directory)
+            jobs = [client.submit("lane-slow", slow.X[i : i + 5]) for i in range(0, 20, 5)]
+            deadline = time.monotonic() + 60
+            while not all(j.attempts() for j in jobs):
+                assert time.monotonic() < deadline, "the lane batch did not start"
+                time.sleep(0.1)
+            held = list(client.redis.hgetall(held_index("hb")))
+            assert held and sum(int(client.redis.llen(k)) for k in held) == 4
+            first.kill()
+            second = FaultyWorker(server.url, work_dir, env=FAST)
+            for i, job in zip(range(0, 20, 5), jobs, strict=True):
+                out = job.result(timeout_s=120)
+                np.testing.assert_array_equal(column(out, "label"), slow.model.predict(slow.X[i : i + 5]))
+                assert [a.number for a in job.attempts()] == [1, 2]
+            assert client.ledger.counters()["republished"] >= 4
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_purge_drops_lane_jobs(server: RedisServer, iris: Built) -> None:
+    with Client.from_url(server.url, lane_max_rows=16) as client:
+        register(client, iris.directory)
+        for i in range(5):
+            client.submit("lane-iris", iris.X[i : i + 2])
+        report = client.purge("lane-iris")
+        assert report.messages == 5 and report.jobs == 5
+        assert _waiting(client.redis) == (0, 0)
