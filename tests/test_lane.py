@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import redis
 
-from producers import Client, JobFailed
+from producers import Client, JobFailed, Status
 from producers.ledger import LedgerKeys
 from producers.publish import lane_list, priority_list
 from producers.retention import queue_keys
@@ -146,3 +146,41 @@ def test_purge_drops_lane_jobs(server: RedisServer, iris: Built) -> None:
         report = client.purge("lane-iris")
         assert report.messages == 5 and report.jobs == 5
         assert _waiting(client.redis) == (0, 0)
+
+
+def test_a_poison_job_in_a_lane_batch_is_dead_lettered_and_the_rest_answered(
+    server: RedisServer, work_dir: Path
+) -> None:
+    """One lane batch of 21 jobs, one of which kills the worker: after restarts (what a
+    supervisor does), the 20 others are answered and the poison job is dead-lettered."""
+    built = sklearn_model(work_dir / "lane-poison", "lane-poison", "iris", options={"crash_on": 99.0})
+    with Client.from_url(server.url, lane_max_rows=16) as client:
+        register(client, built.directory)
+        poison_x = built.X[:3].copy()
+        poison_x[1, 0] = 99.0
+        good = [client.submit("lane-poison", built.X[i : i + 5]) for i in range(0, 100, 10)]
+        poison = client.submit("lane-poison", poison_x)
+        good += [client.submit("lane-poison", built.X[i : i + 5]) for i in range(5, 105, 10)]
+        assert _waiting(client.redis) == (0, 21)
+        worker = FaultyWorker(server.url, work_dir, env=FAST)  # takes all 21 in one batch
+        restarts = 0
+        try:
+            deadline = time.monotonic() + 400
+            while poison.status() is Status.PENDING:
+                assert time.monotonic() < deadline, "poison job never dead-lettered"
+                if not worker.alive():
+                    worker.stop()
+                    worker = FaultyWorker(server.url, work_dir, env=FAST)
+                    restarts += 1
+                time.sleep(0.5)
+            with pytest.raises(JobFailed) as info:
+                poison.result(timeout_s=10)
+            assert info.value.remote_type == "PoisonJob"
+            assert [a.number for a in poison.attempts()] == [1, 2, 3]
+            assert restarts == 3  # one per attempt of the poison job: it took no other job down twice
+            starts = [*range(0, 100, 10), *range(5, 105, 10)]
+            for i, job in zip(starts, good, strict=True):
+                out = job.result(timeout_s=120)
+                np.testing.assert_array_equal(column(out, "label"), built.model.predict(built.X[i : i + 5]))
+        finally:
+            worker.stop()
