@@ -38,22 +38,6 @@ def test_an_mlp_runs_one_single_threaded_instance_per_core(tmp_path: Path) -> No
 
 
 @multicore
-def test_a_call_that_runs_alone_uses_every_core_with_the_same_bits(tmp_path: Path) -> None:
-    built = onnx_mlp(tmp_path / "mlp", "mlp")
-    cache, loaded = _load(tmp_path, built.directory, max_delay_ms=0)
-    batcher = loaded.batcher  # type: ignore[attr-defined]
-    assert loaded.solo is not None  # type: ignore[attr-defined]
-    X = np.random.default_rng(5).standard_normal((1000, 32)).astype(np.float32)
-    big = min(1000, batcher.max_batch_rows)  # one call: the request is not cut into pieces
-    for rows, solo_calls in ((big, 1), (16, 1)):  # a tiny call stays on one core
-        got = batcher.submit({"x": X[:rows]}, rows).result(timeout=30)
-        assert batcher.solo_calls == solo_calls
-        (want,) = built.model.run(None, {"x": X[:rows]})
-        np.testing.assert_array_equal(got["probabilities"], want)
-    cache.close()  # type: ignore[attr-defined]
-
-
-@multicore
 def test_whatever_it_picks_a_forest_gives_the_in_process_bits(tmp_path: Path) -> None:
     """A tree ensemble sums trees in another order on one thread: calibration sees the
     difference and keeps one call over every core."""

@@ -125,9 +125,6 @@ class Batcher:
         instances: model calls that may run at once (like Triton's instance count): on a
             CPU, two single-threaded calls keep both cores busy where one two-threaded call
             stalls whenever another process takes one of its cores.
-        solo: the same model over every core, giving the same bits: used for a call of at
-            least ``solo_rows`` rows that runs alone with nothing queued (at low load one
-            call then finishes as fast as in-process, instead of on one core).
     """
 
     def __init__(
@@ -140,13 +137,8 @@ class Batcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         incoming: Callable[[], int] | None = None,
         instances: int = 1,
-        solo: Callable[[Mapping[str, np.ndarray]], Arrays] | None = None,
-        solo_rows: int = 256,
     ) -> None:
         self._predict = predict
-        self._solo = solo
-        self._solo_rows = solo_rows
-        self.solo_calls = 0
         self.max_batch_rows = max(1, max_batch_rows)
         self.max_delay_s = max(0.0, max_delay_ms) / 1000.0
         self.name = name
@@ -206,9 +198,6 @@ class Batcher:
             piece.future.add_done_callback(finished)
             self._queue.put(piece)
         return whole
-
-    def _idle_queue(self) -> bool:
-        return self._queue.empty() and self._held is None
 
     def _idle(self) -> bool:
         incoming = self._incoming() if self._incoming is not None else 1
@@ -279,11 +268,7 @@ class Batcher:
         self._tick(+1)
         try:
             merged, slices = merge(batch)
-            rows, predict = slices[-1].stop, self._predict
-            if self._solo is not None and rows >= self._solo_rows and self._running == 1 and self._idle_queue():
-                predict = self._solo
-                self.solo_calls += 1
-            outputs = split(self._call(merged, rows, predict), slices)
+            outputs = split(self._call(merged, slices[-1].stop), slices)
         except Exception as exc:
             self._tick(-1)
             if len(batch) > 1:
@@ -301,19 +286,13 @@ class Batcher:
             wait = started - min(r.enqueued for r in batch)
             self._on_batch(BatchStats(slices[-1].stop, len(batch), wait, compute, busy))
 
-    def _call(
-        self,
-        merged: Mapping[str, np.ndarray],
-        rows: int,
-        predict: Callable[[Mapping[str, np.ndarray]], Arrays] | None = None,
-    ) -> Arrays:
+    def _call(self, merged: Mapping[str, np.ndarray], rows: int) -> Arrays:
         """Run the model in pieces of at most max_batch_rows, halving them on OOM."""
-        predict = predict or self._predict
         step, start, parts = self.max_batch_rows, 0, []
         while start < rows:
             piece = merged if (start == 0 and rows <= step) else {n: a[start : start + step] for n, a in merged.items()}
             try:
-                out = predict(piece)
+                out = self._predict(piece)
             except Exception as exc:
                 if not is_oom(exc) or step == 1:
                     raise

@@ -30,8 +30,6 @@ class LoadedModel:
     adapter: Adapter
     batcher: Batcher
     load_s: float
-    solo: Adapter | None = None
-    """The every-core session a calibrated model keeps for calls that run alone."""
 
 
 # Frameworks whose sessions take a per-session thread count (torch's is process-wide).
@@ -40,7 +38,6 @@ _PROBE_ROWS = 8192
 _PROBE_MIN_ROWS = 16
 _PROBE_S = 0.05
 _CALL_ROWS = (512, 1024, 2048, 4096, 8192)
-_SOLO_MAX_BYTES = 256 << 20  # a second (every-core) session of a model up to this size
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -63,13 +60,6 @@ def _fastest_rows(adapter: Adapter, probe: dict[str, np.ndarray], max_rows: int)
             elapsed = time.thread_time() - started
             best[size] = min(best.get(size, elapsed), elapsed)
     return min(best, key=lambda size: best[size])
-
-
-def _artifact_bytes(spec: ModelSpec) -> int:
-    try:
-        return os.path.getsize(spec.artifact)
-    except (OSError, TypeError, ValueError):
-        return _SOLO_MAX_BYTES + 1  # unknown size: do not hold a second copy
 
 
 def _cores() -> int:
@@ -145,9 +135,8 @@ class ModelCache:
         )
         explicit = {"instances", "threads"} & set(spec.options) or settings.instances or settings.intra_op_threads
         tune = spec.framework in _CALIBRATED and device == "cpu" and not explicit and _cores() > 1
-        solo = None
         if tune:
-            adapter, instances, max_rows, solo = self._calibrate(spec, options, max_rows, size=not spec.max_batch_rows)
+            adapter, instances, max_rows = self._calibrate(spec, options, max_rows, size=not spec.max_batch_rows)
         else:
             # Several instances share the cores: one thread per call unless told otherwise.
             options.setdefault("threads", settings.intra_op_threads or (1 if instances > 1 else 0))
@@ -166,9 +155,8 @@ class ModelCache:
             on_batch=(lambda stats: on_batch(spec, stats)) if on_batch else None,
             incoming=(lambda: arrivals.count(spec.ref)) if arrivals is not None else None,
             instances=instances if device == "cpu" else 1,
-            solo=solo.predict if solo is not None else None,
         )
-        return LoadedModel(spec, adapter, batcher, load_s, solo)
+        return LoadedModel(spec, adapter, batcher, load_s)
 
     @staticmethod
     def _adapter(spec: ModelSpec, options: dict[str, object], device: str) -> Adapter:
@@ -178,17 +166,14 @@ class ModelCache:
 
     def _calibrate(
         self, spec: ModelSpec, options: dict[str, object], max_rows: int, *, size: bool
-    ) -> tuple[Adapter, int, int, Adapter | None]:
-        """(adapter, instances, rows per call, solo adapter) for a cpu model whose entry
-        leaves them open.
+    ) -> tuple[Adapter, int, int]:
+        """(adapter, instances, rows per call) for a cpu model whose entry leaves them open.
 
         One single-threaded instance per core beats one call over every core when other
         work shares the cores (a straggling thread stalls the whole call), but only where
         it gives the same bits: both sessions score one probe batch, and any difference
         keeps the multi-threaded one. With ``size``, the rows per call are the probe size
-        that ran fastest per row (smaller calls keep activations in cache). The
-        every-core session stays loaded too, for calls that run alone (``Batcher``'s
-        ``solo``), unless the artifact is large (two sessions hold two copies of it)."""
+        that ran fastest per row (smaller calls keep activations in cache)."""
         shared = self._adapter(spec, {**options, "threads": 0}, "cpu")
         single = self._adapter(spec, {**options, "threads": 1}, "cpu")
         try:
@@ -206,19 +191,16 @@ class ModelCache:
         except Exception as exc:  # open sizes, strings, values out of an embedding's range...
             log.info("%s: no calibration (the probe batch failed: %s); one call uses every core", spec.ref, exc)
             single.unload()
-            return shared, 1, max_rows, None
+            return shared, 1, max_rows
         same = want.keys() == got.keys() and all(_same_bits(want[n], got[n]) for n in want)
+        keep, drop = (single, shared) if same else (shared, single)
+        drop.unload()
         if not same:
-            single.unload()
             log.info("%s: one thread per call changes its outputs; one call uses every core", spec.ref)
-            return shared, 1, max_rows, None
+            return keep, 1, max_rows
         if size and rows >= _CALL_ROWS[0]:
-            max_rows = _fastest_rows(single, probe, max_rows)
-        solo: Adapter | None = shared
-        if _artifact_bytes(spec) > _SOLO_MAX_BYTES:
-            shared.unload()
-            solo = None
-        return single, _cores(), max_rows, solo
+            max_rows = _fastest_rows(keep, probe, max_rows)
+        return keep, _cores(), max_rows
 
     def loaded(self) -> list[LoadedModel]:
         return list(self._models.values())
@@ -227,6 +209,4 @@ class ModelCache:
         for model in self._models.values():
             model.batcher.close()
             model.adapter.unload()
-            if model.solo is not None:
-                model.solo.unload()
         self._models.clear()
