@@ -22,7 +22,8 @@ from producers.retention import queue_keys
 from tests.faults import FaultyWorker
 from tests.helpers import WorkerProcess, column, register
 from tests.models import Built, sklearn_model
-from worker.lane import held_index
+from worker.lane import held_index, held_key
+from worker.reconciler import Reconciler
 from worker.redis_server import RedisServer
 from worker.status import queue_depths
 
@@ -184,3 +185,22 @@ def test_a_poison_job_in_a_lane_batch_is_dead_lettered_and_the_rest_answered(
                 np.testing.assert_array_equal(column(out, "label"), built.model.predict(built.X[i : i + 5]))
         finally:
             worker.stop()
+
+
+def test_the_reconciler_leaves_queued_and_held_lane_jobs_alone_until_their_hold_expires(
+    server: RedisServer, iris: Built
+) -> None:
+    published: list[str] = []
+    with Client.from_url(server.url, lane_max_rows=16) as client:
+        register(client, iris.directory)
+        job = client.submit("lane-iris", iris.X[:3])
+        rec = Reconciler(client.redis, client.keys, lambda body, queue, task_id: published.append(task_id), overdue_s=0)
+        assert [rec.sweep().queued for _ in range(2)] == [1, 1]  # waiting on the lane
+        held = held_key("hb", "elsewhere:1", 0)  # as a worker's lane thread holds it
+        client.redis.rpush(held, client.redis.rpop(lane_list(QUEUE)))  # type: ignore[arg-type]
+        client.redis.hset(held_index("hb"), held, int(time.time() * 1000) + 60_000)
+        assert [rec.sweep().queued for _ in range(2)] == [1, 1]  # held by a live worker
+        client.redis.hset(held_index("hb"), held, int(time.time() * 1000) - 1)  # its worker stopped renewing
+        assert rec.sweep().suspect == 1 and not published
+        assert rec.sweep().republished == [f"{job.id}.0"] == published
+        assert not client.redis.hexists(held_index("hb"), held)
