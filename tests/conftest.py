@@ -33,6 +33,14 @@ def private_redis() -> Iterator[str]:
     server.stop()
 
 
+@pytest.fixture()
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, for tests that kill workers or Redis."""
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("hetbatch")

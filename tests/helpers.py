@@ -18,6 +18,16 @@ from worker.registration import build_spec
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Recovery knobs lowered so that tests wait seconds, not minutes (visibility timeout 8 s).
+FAST_RECOVERY = {
+    "HETBATCH_VISIBILITY_TIMEOUT_S": "8",
+    "HETBATCH_LEASE_INTERVAL_S": "1",
+    "HETBATCH_RESTORE_INTERVAL_S": "1",
+    "HETBATCH_OVERDUE_S": "3",
+    "HETBATCH_RECONCILE_INTERVAL_S": "1",
+}
+
+
 class WorkerProcess:
     """A real ``hetbatch worker`` subprocess, stopped by pid."""
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,28 +19,14 @@ from producers.ledger import LedgerKeys
 from producers.publish import lane_list, priority_list
 from producers.retention import queue_keys
 from tests.faults import FaultyWorker
-from tests.helpers import WorkerProcess, column, register
+from tests.helpers import FAST_RECOVERY, WorkerProcess, column, register
 from tests.models import Built, sklearn_model
 from worker.lane import held_index, held_key
 from worker.reconciler import Reconciler
 from worker.redis_server import RedisServer
 from worker.status import queue_depths
 
-FAST = {
-    "HETBATCH_VISIBILITY_TIMEOUT_S": "8",
-    "HETBATCH_LEASE_INTERVAL_S": "1",
-    "HETBATCH_RESTORE_INTERVAL_S": "1",
-    "HETBATCH_OVERDUE_S": "3",
-    "HETBATCH_RECONCILE_INTERVAL_S": "1",
-}
 QUEUE = "sklearn.cpu"
-
-
-@pytest.fixture()
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +44,9 @@ def _waiting(r: redis.Redis) -> tuple[int, int]:
     return sum(int(r.llen(k)) for k in queue_keys(QUEUE)), int(r.llen(lane_list(QUEUE)))
 
 
-def test_small_jobs_take_the_lane_and_match_in_process(server: RedisServer, iris: Built, work_dir: Path) -> None:
+def test_small_jobs_take_the_lane_and_match_in_process(redis_server: RedisServer, iris: Built, work_dir: Path) -> None:
     pieces = _pieces(iris, 300)
-    with Client.from_url(server.url, lane_max_rows=16) as client:
+    with Client.from_url(redis_server.url, lane_max_rows=16) as client:
         register(client, iris.directory)
         jobs = [client.submit("lane-iris", p) for p in pieces]
         big = client.submit("lane-iris", iris.X[:40])  # over lane_max_rows: a Celery task
@@ -69,7 +54,7 @@ def test_small_jobs_take_the_lane_and_match_in_process(server: RedisServer, iris
         assert _waiting(client.redis) == (2, 300)
         assert client.redis.llen(priority_list(QUEUE, 0)) == 1
         assert queue_depths(client.redis, [QUEUE])[QUEUE][5] == 301  # status counts lane jobs as normal
-        worker = WorkerProcess(server.url, work_dir)
+        worker = WorkerProcess(redis_server.url, work_dir)
         try:
             for piece, job in zip(pieces, jobs, strict=True):
                 out = job.result(timeout_s=60)
@@ -90,8 +75,10 @@ def test_small_jobs_take_the_lane_and_match_in_process(server: RedisServer, iris
             worker.stop()
 
 
-def test_bad_lane_entries_fail_alone_and_the_worker_stays_up(server: RedisServer, iris: Built, work_dir: Path) -> None:
-    with Client.from_url(server.url, lane_max_rows=16) as client:
+def test_bad_lane_entries_fail_alone_and_the_worker_stays_up(
+    redis_server: RedisServer, iris: Built, work_dir: Path
+) -> None:
+    with Client.from_url(redis_server.url, lane_max_rows=16) as client:
         register(client, iris.directory)
         bad = iris.X[:4].copy()
         bad[1, 2] = np.nan
@@ -99,7 +86,7 @@ def test_bad_lane_entries_fail_alone_and_the_worker_stays_up(server: RedisServer
         poisoned = client.submit("lane-iris", bad)
         client.redis.lpush(lane_list(QUEUE), b"\x00not json", json.dumps({"v": 1, "items": "nonsense"}))
         after = client.submit("lane-iris", iris.X[5:9])
-        worker = WorkerProcess(server.url, work_dir)
+        worker = WorkerProcess(redis_server.url, work_dir)
         try:
             np.testing.assert_array_equal(column(before.result(timeout_s=60), "label"), iris.model.predict(iris.X[:5]))
             np.testing.assert_array_equal(column(after.result(timeout_s=60), "label"), iris.model.predict(iris.X[5:9]))
@@ -112,12 +99,12 @@ def test_bad_lane_entries_fail_alone_and_the_worker_stays_up(server: RedisServer
             worker.stop()
 
 
-def test_a_sigkilled_workers_lane_jobs_are_published_again(server: RedisServer, work_dir: Path) -> None:
+def test_a_sigkilled_workers_lane_jobs_are_published_again(redis_server: RedisServer, work_dir: Path) -> None:
     slow = sklearn_model(work_dir / "lane-slow", "lane-slow", "iris", options={"sleep_s": 3.0})
-    first = FaultyWorker(server.url, work_dir, env=FAST)
+    first = FaultyWorker(redis_server.url, work_dir, env=FAST_RECOVERY)
     second = None
     try:
-        with Client.from_url(server.url, lane_max_rows=16) as client:
+        with Client.from_url(redis_server.url, lane_max_rows=16) as client:
             register(client, slow.directory)
             jobs = [client.submit("lane-slow", slow.X[i : i + 5]) for i in range(0, 20, 5)]
             deadline = time.monotonic() + 60
@@ -127,7 +114,7 @@ def test_a_sigkilled_workers_lane_jobs_are_published_again(server: RedisServer, 
             held = list(client.redis.hgetall(held_index("hb")))
             assert held and sum(int(client.redis.llen(k)) for k in held) == 4
             first.kill()
-            second = FaultyWorker(server.url, work_dir, env=FAST)
+            second = FaultyWorker(redis_server.url, work_dir, env=FAST_RECOVERY)
             for i, job in zip(range(0, 20, 5), jobs, strict=True):
                 out = job.result(timeout_s=120)
                 np.testing.assert_array_equal(column(out, "label"), slow.model.predict(slow.X[i : i + 5]))
@@ -139,8 +126,8 @@ def test_a_sigkilled_workers_lane_jobs_are_published_again(server: RedisServer, 
             second.stop()
 
 
-def test_purge_drops_lane_jobs(server: RedisServer, iris: Built) -> None:
-    with Client.from_url(server.url, lane_max_rows=16) as client:
+def test_purge_drops_lane_jobs(redis_server: RedisServer, iris: Built) -> None:
+    with Client.from_url(redis_server.url, lane_max_rows=16) as client:
         register(client, iris.directory)
         for i in range(5):
             client.submit("lane-iris", iris.X[i : i + 2])
@@ -150,12 +137,12 @@ def test_purge_drops_lane_jobs(server: RedisServer, iris: Built) -> None:
 
 
 def test_a_poison_job_in_a_lane_batch_is_dead_lettered_and_the_rest_answered(
-    server: RedisServer, work_dir: Path
+    redis_server: RedisServer, work_dir: Path
 ) -> None:
     """One lane batch of 21 jobs, one of which kills the worker: after restarts (what a
     supervisor does), the 20 others are answered and the poison job is dead-lettered."""
     built = sklearn_model(work_dir / "lane-poison", "lane-poison", "iris", options={"crash_on": 99.0})
-    with Client.from_url(server.url, lane_max_rows=16) as client:
+    with Client.from_url(redis_server.url, lane_max_rows=16) as client:
         register(client, built.directory)
         poison_x = built.X[:3].copy()
         poison_x[1, 0] = 99.0
@@ -163,7 +150,7 @@ def test_a_poison_job_in_a_lane_batch_is_dead_lettered_and_the_rest_answered(
         poison = client.submit("lane-poison", poison_x)
         good += [client.submit("lane-poison", built.X[i : i + 5]) for i in range(5, 105, 10)]
         assert _waiting(client.redis) == (0, 21)
-        worker = FaultyWorker(server.url, work_dir, env=FAST)  # takes all 21 in one batch
+        worker = FaultyWorker(redis_server.url, work_dir, env=FAST_RECOVERY)  # takes all 21 in one batch
         restarts = 0
         try:
             deadline = time.monotonic() + 400
@@ -171,7 +158,7 @@ def test_a_poison_job_in_a_lane_batch_is_dead_lettered_and_the_rest_answered(
                 assert time.monotonic() < deadline, "poison job never dead-lettered"
                 if not worker.alive():
                     worker.stop()
-                    worker = FaultyWorker(server.url, work_dir, env=FAST)
+                    worker = FaultyWorker(redis_server.url, work_dir, env=FAST_RECOVERY)
                     restarts += 1
                 time.sleep(0.5)
             with pytest.raises(JobFailed) as info:
@@ -188,10 +175,10 @@ def test_a_poison_job_in_a_lane_batch_is_dead_lettered_and_the_rest_answered(
 
 
 def test_the_reconciler_leaves_queued_and_held_lane_jobs_alone_until_their_hold_expires(
-    server: RedisServer, iris: Built
+    redis_server: RedisServer, iris: Built
 ) -> None:
     published: list[str] = []
-    with Client.from_url(server.url, lane_max_rows=16) as client:
+    with Client.from_url(redis_server.url, lane_max_rows=16) as client:
         register(client, iris.directory)
         job = client.submit("lane-iris", iris.X[:3])
         rec = Reconciler(client.redis, client.keys, lambda body, queue, task_id: published.append(task_id), overdue_s=0)

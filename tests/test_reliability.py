@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,26 +27,17 @@ from producers.registry import ModelSpec
 from producers.schema import TensorSpec
 from producers.wire import TaskEnvelope
 from tests.faults import FaultyWorker
-from tests.helpers import ROOT, WorkerProcess, column, register
+from tests.helpers import FAST_RECOVERY, ROOT, WorkerProcess, column, register
 from tests.models import Built, sklearn_model
 from worker.dlq import DeadLetters
 from worker.redis_server import RedisServer
 
-FAST = {
-    "HETBATCH_VISIBILITY_TIMEOUT_S": "8",
-    "HETBATCH_LEASE_INTERVAL_S": "1",
-    "HETBATCH_RESTORE_INTERVAL_S": "1",
-    "HETBATCH_OVERDUE_S": "3",
-    "HETBATCH_RECONCILE_INTERVAL_S": "1",
-    "HETBATCH_CONCURRENCY": "4",
-}
+FAST = {**FAST_RECOVERY, "HETBATCH_CONCURRENCY": "4"}
 
 
 @pytest.fixture()
-def private_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    yield server
-    server.stop()
+def private_redis(redis_server: RedisServer) -> RedisServer:
+    return redis_server
 
 
 @pytest.fixture(scope="module")
