@@ -7,6 +7,7 @@ compared with the model's in-process predictions.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from producers.ledger import LedgerKeys
 from producers.publish import lane_list, priority_list
 from producers.retention import queue_keys
 from tests.faults import FaultyWorker
-from tests.helpers import FAST_RECOVERY, WorkerProcess, column, register
+from tests.helpers import FAST_RECOVERY, ROOT, WorkerProcess, column, register
 from tests.models import Built, sklearn_model
 from worker.lane import held_index, held_key
 from worker.reconciler import Reconciler
@@ -191,3 +192,18 @@ def test_the_reconciler_leaves_queued_and_held_lane_jobs_alone_until_their_hold_
         assert rec.sweep().suspect == 1 and not published
         assert rec.sweep().republished == [f"{job.id}.0"] == published
         assert not client.redis.hexists(held_index("hb"), held)
+
+
+@pytest.mark.slow
+def test_chaos_on_the_lane_worker_kills_and_a_redis_restart_lose_no_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sys.path.insert(0, str(ROOT))
+    from scripts.chaos import run_chaos
+
+    monkeypatch.setenv("HETBATCH_LANE_MAX_ROWS", "64")  # every chaos job (1-19 rows) takes the lane
+    report = run_chaos(150, kill_every_s=6.0, redis_kill_at_s=4.0, rate_per_s=15.0, work_dir=tmp_path)
+    print(report)
+    assert report.worker_kills >= 1 and report.redis_kills == 1
+    assert report.lost == report.wrong == report.errors == report.missing_results == 0
+    assert report.counters["dlq_length"] == 0
