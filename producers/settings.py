@@ -56,7 +56,7 @@ class ClientSettings:
     """Single-chunk, normal-priority jobs of up to this many rows go on the queue's lane
     (``producers.publish.lane_list``) instead of one Celery message each: workers take
     them many at a time, at a fraction of the per-message cost. 0 turns the lane off.
-    Lane jobs do not show as Celery tasks in Flower."""
+    Flower shows lane batches (``hetbatch.lane``), not each job."""
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ClientSettings:

@@ -135,6 +135,32 @@ def test_flower_shows_the_worker_online_and_its_tasks_succeeded(private_redis: s
     assert status == 200 and "payload" not in body.decode()
 
 
+def test_flower_shows_lane_batches_as_tasks(private_redis: str, flower: int, iris: Built) -> None:
+    with Client.from_url(private_redis, lane_max_rows=16) as client:
+        ref = register(client, iris.directory)
+        deadline, sent = time.monotonic() + 60, 5
+        while get(flower, "/api/tasks")[1].strip() in (b"{}", b""):  # task events on (see above)
+            assert time.monotonic() < deadline, "Flower never turned the workers' task events on"
+            client.predict(ref, iris.X[:1], timeout_s=60)
+            sent += 1
+            time.sleep(0.5)
+        jobs = [client.submit(ref, iris.X[i : i + 3]) for i in range(0, 15, 3)]
+        for i, job in zip(range(0, 15, 3), jobs, strict=True):
+            out = job.result(timeout_s=120)
+            np.testing.assert_array_equal(column(out, "label"), iris.model.predict(iris.X[i : i + 3]))
+
+    def lane_batches(tasks: dict[str, Any]) -> list[dict[str, Any]]:
+        return [t for t in tasks.values() if t["name"] == "hetbatch.lane" and t["state"] == "SUCCESS"]
+
+    # Each batch's args: "<n> jobs from <lane list>". A batch running while events were
+    # turned on is seen half: at least the 5 jobs sent after that are counted.
+    tasks = poll(flower, "/api/tasks", lambda d: sum(int(t["args"].split()[0]) for t in lane_batches(d)) >= 5)
+    batches = lane_batches(tasks)
+    assert sum(int(t["args"].split()[0]) for t in batches) <= sent
+    assert all(t["worker"] == WORKER and t["args"].endswith("jobs from sklearn.cpu:lane") for t in batches)
+    assert all(ref in t["result"] and "'failed': 0" in t["result"] for t in batches)
+
+
 def test_flower_refuses_requests_without_the_right_credentials(flower: int) -> None:
     for path in ("/api/workers", "/api/tasks", "/", "/tasks"):
         assert get(flower, path, auth=None)[0] == 401, path

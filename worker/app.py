@@ -92,12 +92,14 @@ def make_app(settings: WorkerSettings) -> Celery:
     lanes: list[Lane] = []
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
-    def _start_watchdog(**_: Any) -> None:
+    def _start_watchdog(sender: Any = None, **_: Any) -> None:
         watchdog.start()
         if settings.lane_slots > 0:
-            lanes.append(
-                Lane(runtime(), settings.queue_names, batch=settings.lane_batch, slots=settings.lane_slots).start()
+            events = getattr(sender, "event_dispatcher", None)  # sender: the worker's consumer
+            lane = Lane(
+                runtime(), settings.queue_names, batch=settings.lane_batch, slots=settings.lane_slots, events=events
             )
+            lanes.append(lane.start())
         # Start-up's objects (modules, the app) live as long as the worker: a full
         # collection that walks them all stalls every thread for 40-60 ms.
         gc.freeze()

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, cast
 
@@ -31,9 +33,11 @@ from producers.publish import lane_list
 if TYPE_CHECKING:  # the reconciler imports this module without the model stack
     from worker.runtime import Runtime
 
-__all__ = ["Lane", "held_index", "held_key"]
+__all__ = ["LANE_TASK", "Lane", "held_index", "held_key"]
 
 log = logging.getLogger(__name__)
+
+LANE_TASK = "hetbatch.lane"  # the name Flower shows for a lane batch
 
 
 def held_key(prefix: str, worker: str, slot: int) -> str:
@@ -55,10 +59,14 @@ class Lane:
         queues: the queues whose lanes to drain.
         batch: most envelopes taken at once.
         slots: batches running at once (one is decoded or stored while another computes).
+        events: the worker's Celery event dispatcher; while task events are on (Flower
+            turns them on), each batch is announced as a ``hetbatch.lane`` task.
     """
 
-    def __init__(self, runtime: Runtime, queues: list[str], *, batch: int, slots: int) -> None:
+    def __init__(self, runtime: Runtime, queues: list[str], *, batch: int, slots: int, events: Any = None) -> None:
         self.rt = runtime
+        # The worker's Celery event dispatcher: Flower then shows each batch as a task.
+        self._events = events
         self.lists = [lane_list(q) for q in queues]
         self.batch = batch
         self.hold_ms = runtime.settings.visibility_timeout_s * 1000
@@ -125,7 +133,9 @@ class Lane:
             self._renew()
 
     def _run(self, slot: int, source: str, raws: list[bytes]) -> None:
-        held = self._held[slot]
+        held, batch_id, started = self._held[slot], str(uuid.uuid4()), time.monotonic()
+        self._event("task-received", uuid=batch_id, name=LANE_TASK, args=f"{len(raws)} jobs from {source}", kwargs="{}")
+        self._event("task-started", uuid=batch_id, pid=os.getpid())
         try:
             bodies = []
             for raw in raws:
@@ -133,19 +143,30 @@ class Lane:
                     bodies.append(json.loads(raw))
                 except ValueError:
                     log.error("lane: dropped an entry of %s that is not JSON (%d bytes)", source, len(raw))
-            self.rt.handle_many(bodies)
+            summary = self.rt.handle_many(bodies)
             self._release(held)
+            self._event("task-succeeded", uuid=batch_id, result=repr(summary), runtime=time.monotonic() - started)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Not the jobs' fault: put them back where the next pop finds them first.
             log.warning("lane: Redis failed during a batch of %d (%s); returning it to %s", len(raws), exc, source)
             self._release(held, back=(source, raws))
-        except Exception:
+            self._event("task-retried", uuid=batch_id, exception=repr(exc), traceback="")
+        except Exception as exc:
             # Unanswered jobs are published again by the reconciler, up to max_attempts.
             log.exception("lane: a batch of %d from %s failed", len(raws), source)
             self._release(held)
+            self._event("task-failed", uuid=batch_id, exception=repr(exc), traceback="")
         finally:  # only now: the slot's next batch reuses the held list's name
             self._held.pop(slot, None)
             self._free.put(slot)
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        if self._events is None:
+            return
+        try:  # sent only while the dispatcher's groups include "task" (Flower's enable_events)
+            self._events.send(kind, **fields)
+        except Exception as exc:  # monitoring must not cost a batch
+            log.debug("lane: event %s not sent: %s", kind, exc)
 
     def _release(self, held: str, back: tuple[str, list[bytes]] | None = None) -> None:
         """Forget a held list (and first, with ``back``, return its jobs to their lane)."""

@@ -129,10 +129,11 @@ class Runtime:
             claim=claim,
         )
 
-    def handle_many(self, bodies: Sequence[Any]) -> int:
+    def handle_many(self, bodies: Sequence[Any]) -> dict[str, Any]:
         """Run several task bodies together (a lane batch; ``worker.lane``): one ledger round
         trip, every job's rows in the model's batcher at once, one result round trip.
-        Returns how many tasks it ran. What ``handle`` guarantees holds for each task."""
+        Returns a small summary (what Flower shows). What ``handle`` guarantees holds for
+        each task."""
         envs = []
         for body in bodies:
             try:
@@ -140,7 +141,7 @@ class Runtime:
             except PayloadError as exc:
                 log.error("dropped a task with a malformed envelope: %s", exc)
         if not envs:
-            return 0
+            return {"tasks": 0}
         starts = self.ledger.begin_many(
             envs, worker=self.worker_id, ttl_s=self.settings.result_ttl_s, max_attempts=self.settings.max_attempts
         )
@@ -163,12 +164,15 @@ class Runtime:
         finally:
             for ref in refs:
                 self.arrivals.leave(ref)
-        self._store([(env, self._collect(calls)) for env, calls in running])
+        finished = [(env, self._collect(calls)) for env, calls in running]
+        self._store(finished)
         for env in later:  # attempted before: alone, after the innocent batch is stored
             with self._isolation:
                 self._warm(env)
                 self._handle(env, self._begin(env, claim=True))
-        return len(envs)
+        failed = sum(len(d.items) for _, done in finished for d in done if d.error is not None)
+        models = sorted({f"{env.model}@{env.version}" for env in envs})
+        return {"models": models, "tasks": len(envs), "failed": failed, "rows": sum(env.rows for env in envs)}
 
     def _handle(self, env: TaskEnvelope, start: Start) -> dict[str, Any]:
         todo = self._pending_items(env, start.done)
