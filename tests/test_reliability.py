@@ -133,6 +133,7 @@ def test_killed_prefork_pool_child_is_redelivered_not_acked(private_redis: Redis
             np.testing.assert_array_equal(column(out, "label"), built.model.predict(built.X[:5]))
             assert [a.number for a in job.attempts()] == [1, 2]
             assert worker.alive(), "the parent worker survives its child"
+            assert "lane off" in worker.output()  # lane batches would run in the parent
             assert "WorkerLostError" in worker.output() or "exited prematurely" in worker.output()
     finally:
         worker.stop()

@@ -24,6 +24,8 @@ from worker.watchdog import Watchdog
 
 __all__ = ["make_app"]
 
+log = logging.getLogger(__name__)
+
 
 def make_app(settings: WorkerSettings) -> Celery:
     """A Celery app consuming ``settings.queue_names``.
@@ -94,7 +96,11 @@ def make_app(settings: WorkerSettings) -> Celery:
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def _start_watchdog(sender: Any = None, **_: Any) -> None:
         watchdog.start()
-        if settings.lane_slots > 0:
+        # Lane batches run in this process: not beside a pool whose tasks run in children.
+        pool = type(getattr(sender, "pool", None)).__module__
+        if settings.lane_slots > 0 and "prefork" in pool:
+            log.warning("lane off: with the prefork pool its batches would run in the parent process")
+        elif settings.lane_slots > 0:
             events = getattr(sender, "event_dispatcher", None)  # sender: the worker's consumer
             lane = Lane(
                 runtime(), settings.queue_names, batch=settings.lane_batch, slots=settings.lane_slots, events=events
