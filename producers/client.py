@@ -257,6 +257,7 @@ class Client:
         self._listener: threading.Thread | None = None
         self._closed = threading.Event()
         self._specs: dict[str, tuple[float, Spec]] = {}
+        self._lanes: dict[str, tuple[float, bool]] = {}  # queue -> (checked at, drained)
 
     @property
     def _app(self) -> Celery:
@@ -354,6 +355,7 @@ class Client:
         outbox: list[TaskEnvelope] = []
         self._record(pipe, job.id, job.model, job.chunks, job.rows)
         lane = job.chunks == 1 and level == LANE_PRIORITY and 0 < job.rows <= self.settings.lane_max_rows
+        lane = lane and self._lane_drained(queue)
         buffered = 0
         try:
             for chunk, start in enumerate(starts):
@@ -640,6 +642,17 @@ class Client:
                     self.ledger.forget(outbox)
                     raise BrokerError(f"Redis at {self._safe_url()} unreachable: {exc}; is it running?") from exc
                 time.sleep(0.1 * 2**attempt)
+
+    def _lane_drained(self, queue: str) -> bool:
+        """Whether a live worker drains ``queue``'s lane (its heartbeat keeps a key fresh);
+        cached like model specs. Without one, a job takes Celery: a lane nobody drains
+        (prefork-only or older workers) would keep it waiting."""
+        now = time.monotonic()
+        hit = self._lanes.get(queue)
+        if hit is None or now - hit[0] >= self.settings.registry_ttl_s:
+            hit = (now, bool(self.redis.exists(self.keys.alive(lane_list(queue)))))
+            self._lanes[queue] = hit
+        return hit[1]
 
     def _route(self, spec: ModelSpec) -> str:
         """The model's queue; a gpu model with ``fallback = "cpu"`` goes to the cpu queue while no

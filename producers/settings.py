@@ -55,7 +55,8 @@ class ClientSettings:
     lane_max_rows: int = 0
     """Single-chunk, normal-priority jobs of up to this many rows go on the queue's lane
     (``producers.publish.lane_list``) instead of one Celery message each: workers take
-    them many at a time, at a fraction of the per-message cost. 0 turns the lane off.
+    them many at a time, at a fraction of the per-message cost, while a worker that
+    drains that lane is alive (its heartbeat says so). 0 turns the lane off.
     Flower shows lane batches (``hetbatch.lane``), not each job."""
 
     @classmethod

@@ -19,6 +19,7 @@ from producers import Client, JobFailed, Status
 from producers.ledger import LedgerKeys
 from producers.publish import lane_list, priority_list
 from producers.retention import queue_keys
+from producers.wire import Keys
 from tests.faults import FaultyWorker
 from tests.helpers import FAST_RECOVERY, ROOT, WorkerProcess, column, register
 from tests.models import Built, sklearn_model
@@ -40,6 +41,19 @@ def _pieces(built: Built, jobs: int) -> list[np.ndarray]:
     return [built.X[s : s + n] for s, n in zip(rng.integers(0, 134, jobs), rng.integers(1, 17, jobs))]
 
 
+def _vouch(r: redis.Redis) -> None:
+    """What the heartbeat of a worker that drains the lane keeps fresh; set here so that
+    jobs can be queued on the lane before the worker starts."""
+    r.set(Keys().alive(lane_list(QUEUE)), "test", px=120_000)
+
+
+def _await_lane_worker(r: redis.Redis) -> None:
+    deadline = time.monotonic() + 30
+    while not r.exists(Keys().alive(lane_list(QUEUE))):
+        assert time.monotonic() < deadline, "no worker announced that it drains the lane"
+        time.sleep(0.05)
+
+
 def _waiting(r: redis.Redis) -> tuple[int, int]:
     """(messages on the queue's Celery lists, envelopes on its lane)."""
     return sum(int(r.llen(k)) for k in queue_keys(QUEUE)), int(r.llen(lane_list(QUEUE)))
@@ -49,19 +63,23 @@ def test_small_jobs_take_the_lane_and_match_in_process(redis_server: RedisServer
     pieces = _pieces(iris, 300)
     with Client.from_url(redis_server.url, lane_max_rows=16) as client:
         register(client, iris.directory)
+        early = client.submit("lane-iris", iris.X[:2])  # no worker drains the lane: Celery
+        assert _waiting(client.redis) == (1, 0)
+    with Client.from_url(redis_server.url, lane_max_rows=16) as client:
+        _vouch(client.redis)
         jobs = [client.submit("lane-iris", p) for p in pieces]
         big = client.submit("lane-iris", iris.X[:40])  # over lane_max_rows: a Celery task
         urgent = client.submit("lane-iris", iris.X[:3], priority="high")  # the lane is normal priority only
-        assert _waiting(client.redis) == (2, 300)
+        assert _waiting(client.redis) == (3, 300)
         assert client.redis.llen(priority_list(QUEUE, 0)) == 1
-        assert queue_depths(client.redis, [QUEUE])[QUEUE][5] == 301  # status counts lane jobs as normal
+        assert queue_depths(client.redis, [QUEUE])[QUEUE][5] == 302  # status counts lane jobs as normal
         worker = WorkerProcess(redis_server.url, work_dir)
         try:
             for piece, job in zip(pieces, jobs, strict=True):
                 out = job.result(timeout_s=60)
                 np.testing.assert_array_equal(column(out, "label"), iris.model.predict(piece))
                 np.testing.assert_allclose(column(out, "probabilities"), iris.model.predict_proba(piece), atol=1e-6)
-            for job, rows in ((big, 40), (urgent, 3)):
+            for job, rows in ((big, 40), (urgent, 3), (early, 2)):
                 np.testing.assert_array_equal(
                     column(job.result(timeout_s=60), "label"), iris.model.predict(iris.X[:rows])
                 )
@@ -71,7 +89,7 @@ def test_small_jobs_take_the_lane_and_match_in_process(redis_server: RedisServer
             assert client.redis.zcard(LedgerKeys().ledger()) == 0  # every task answered
             # Drained in batches: far fewer ledger round trips than jobs would show as
             # one attempt each, all recorded.
-            assert client.ledger.counters()["attempts"] == 302
+            assert client.ledger.counters()["attempts"] == 303
         finally:
             worker.stop()
 
@@ -83,6 +101,7 @@ def test_bad_lane_entries_fail_alone_and_the_worker_stays_up(
         register(client, iris.directory)
         bad = iris.X[:4].copy()
         bad[1, 2] = np.nan
+        _vouch(client.redis)
         before = client.submit("lane-iris", iris.X[:5])
         poisoned = client.submit("lane-iris", bad)
         client.redis.lpush(lane_list(QUEUE), b"\x00not json", json.dumps({"v": 1, "items": "nonsense"}))
@@ -107,6 +126,7 @@ def test_a_sigkilled_workers_lane_jobs_are_published_again(redis_server: RedisSe
     try:
         with Client.from_url(redis_server.url, lane_max_rows=16) as client:
             register(client, slow.directory)
+            _await_lane_worker(client.redis)
             jobs = [client.submit("lane-slow", slow.X[i : i + 5]) for i in range(0, 20, 5)]
             deadline = time.monotonic() + 60
             while not all(j.attempts() for j in jobs):
@@ -130,6 +150,7 @@ def test_a_sigkilled_workers_lane_jobs_are_published_again(redis_server: RedisSe
 def test_purge_drops_lane_jobs(redis_server: RedisServer, iris: Built) -> None:
     with Client.from_url(redis_server.url, lane_max_rows=16) as client:
         register(client, iris.directory)
+        _vouch(client.redis)
         for i in range(5):
             client.submit("lane-iris", iris.X[i : i + 2])
         report = client.purge("lane-iris")
@@ -147,6 +168,7 @@ def test_a_poison_job_in_a_lane_batch_is_dead_lettered_and_the_rest_answered(
         register(client, built.directory)
         poison_x = built.X[:3].copy()
         poison_x[1, 0] = 99.0
+        _vouch(client.redis)
         good = [client.submit("lane-poison", built.X[i : i + 5]) for i in range(0, 100, 10)]
         poison = client.submit("lane-poison", poison_x)
         good += [client.submit("lane-poison", built.X[i : i + 5]) for i in range(5, 105, 10)]
@@ -181,6 +203,7 @@ def test_the_reconciler_leaves_queued_and_held_lane_jobs_alone_until_their_hold_
     published: list[str] = []
     with Client.from_url(redis_server.url, lane_max_rows=16) as client:
         register(client, iris.directory)
+        _vouch(client.redis)
         job = client.submit("lane-iris", iris.X[:3])
         rec = Reconciler(client.redis, client.keys, lambda body, queue, task_id: published.append(task_id), overdue_s=0)
         assert [rec.sweep().queued for _ in range(2)] == [1, 1]  # waiting on the lane

@@ -16,7 +16,7 @@ from kombu import Exchange, Queue
 from producers.publish import TRANSPORT_OPTIONS
 from producers.wire import CELERY_WIRE_CONFIG, FUSE_TASK_NAME, TASK_NAME
 from worker.ensemble import EnsembleRunner
-from worker.lane import Lane
+from worker.lane import Lane, drains_lane
 from worker.runtime import Runtime
 from worker.settings import WorkerSettings
 from worker.transport import reuse_redis_clients
@@ -96,16 +96,14 @@ def make_app(settings: WorkerSettings) -> Celery:
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def _start_watchdog(sender: Any = None, **_: Any) -> None:
         watchdog.start()
-        # Lane batches run in this process: not beside a pool whose tasks run in children.
-        pool = type(getattr(sender, "pool", None)).__module__
-        if settings.lane_slots > 0 and "prefork" in pool:
-            log.warning("lane off: with the prefork pool its batches would run in the parent process")
-        elif settings.lane_slots > 0:
+        if drains_lane(settings, getattr(sender, "pool", None)):
             events = getattr(sender, "event_dispatcher", None)  # sender: the worker's consumer
             lane = Lane(
                 runtime(), settings.queue_names, batch=settings.lane_batch, slots=settings.lane_slots, events=events
             )
             lanes.append(lane.start())
+        elif settings.lane_slots > 0:
+            log.warning("lane off: with the prefork pool its batches would run in the parent process")
         # Start-up's objects (modules, the app) live as long as the worker: a full
         # collection that walks them all stalls every thread for 40-60 ms.
         gc.freeze()

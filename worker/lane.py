@@ -29,15 +29,23 @@ import redis
 
 from producers.connect import connect
 from producers.publish import lane_list
+from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:  # the reconciler imports this module without the model stack
     from worker.runtime import Runtime
 
-__all__ = ["LANE_TASK", "Lane", "held_index", "held_key"]
+__all__ = ["LANE_TASK", "Lane", "drains_lane", "held_index", "held_key"]
 
 log = logging.getLogger(__name__)
 
 LANE_TASK = "hetbatch.lane"  # the name Flower shows for a lane batch
+
+
+def drains_lane(settings: WorkerSettings, pool: object) -> bool:
+    """Whether a worker with ``settings`` and Celery ``pool`` drains its queues' lanes:
+    not with ``lane_slots=0``, and not beside the prefork pool (lane batches run in this
+    process, outside the isolation its child processes give)."""
+    return settings.lane_slots > 0 and "prefork" not in type(pool).__module__
 
 
 def held_key(prefix: str, worker: str, slot: int) -> str:

@@ -27,6 +27,7 @@ from celery.signals import worker_ready, worker_shutdown
 from producers.publish import LANE_PRIORITY, PRIORITY_STEPS, lane_list
 from producers.retention import queue_keys
 from producers.wire import DEVICES, FRAMEWORKS, Keys, queue_for
+from worker.lane import drains_lane
 from worker.settings import WorkerSettings
 
 __all__ = ["Heartbeat", "StatusReport", "WorkerInfo", "add_parser", "collect", "queue_depths", "render"]
@@ -61,7 +62,8 @@ _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del
 
 class Heartbeat:
     """A thread that keeps this worker's status record, and the liveness key of each queue
-    it consumes (``Keys.alive``: the client's gpu fallback routing reads it), fresh in Redis."""
+    it consumes (``Keys.alive``: the client's gpu fallback routing reads it) and, with
+    ``lanes``, of each queue's lane (a producer uses a lane only while one is fresh), in Redis."""
 
     def __init__(
         self,
@@ -71,10 +73,13 @@ class Heartbeat:
         settings: WorkerSettings,
         loaded: Callable[[], dict[str, str]],
         metrics_port: int = 0,
+        lanes: bool = False,
     ) -> None:
         self._client = client
         self._key = _heartbeat_key(keys, name)
         self._alive = [keys.alive(q) for q in settings.queue_names]
+        if lanes:
+            self._alive += [keys.alive(lane_list(q)) for q in settings.queue_names]
         self._name = name
         self._settings = settings
         self._loaded = loaded
@@ -140,6 +145,7 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         rt.settings,
         lambda: {m.spec.ref: m.spec.queue for m in rt.models.loaded()},
         rt.metrics.port,
+        lanes=drains_lane(rt.settings, getattr(sender, "pool", None)),
     )
     sender.app.hetbatch_heartbeat = beat.start()
 
