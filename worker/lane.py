@@ -73,7 +73,6 @@ class Lane:
 
     def __init__(self, runtime: Runtime, queues: list[str], *, batch: int, slots: int, events: Any = None) -> None:
         self.rt = runtime
-        # The worker's Celery event dispatcher: Flower then shows each batch as a task.
         self._events = events
         self.lists = [lane_list(q) for q in queues]
         self.batch = batch
