@@ -20,7 +20,7 @@ from producers.errors import PayloadError
 from producers.publish import PRIORITY_STEPS, lane_list, priority_list
 from producers.wire import Keys, TaskEnvelope
 
-__all__ = ["PurgeReport", "delete_job", "purge_model", "queue_keys"]
+__all__ = ["PurgeReport", "delete_job", "purge_model", "queue_keys", "waiting_lists"]
 
 _PAGE = 1000
 
@@ -30,7 +30,7 @@ def queue_keys(queue: str) -> list[str]:
     return [priority_list(queue, step) for step in PRIORITY_STEPS]
 
 
-def _waiting_lists(queue: str) -> list[str]:
+def waiting_lists(queue: str) -> list[str]:
     """``queue_keys`` and the queue's lane."""
     return [*queue_keys(queue), lane_list(queue)]
 
@@ -100,7 +100,7 @@ def purge_model(client: redis.Redis, keys: Keys, name: str, queue: str) -> Purge
     removed_messages = 0
     job_ids: set[str] = set()
     doomed: set[str] = set()
-    for key in _waiting_lists(queue):
+    for key in waiting_lists(queue):
         matches = []
         for raw in _scan_list(client, key):
             env = _envelope(raw)

@@ -25,7 +25,7 @@ import redis
 from celery.signals import worker_ready, worker_shutdown
 
 from producers.publish import LANE_PRIORITY, PRIORITY_STEPS, lane_list
-from producers.retention import queue_keys
+from producers.retention import waiting_lists
 from producers.wire import DEVICES, FRAMEWORKS, Keys, queue_for
 from worker.lane import drains_lane
 from worker.settings import WorkerSettings
@@ -44,15 +44,13 @@ def queue_depths(client: redis.Redis, queues: Iterable[str]) -> dict[str, dict[i
     names = list(queues)
     pipe = client.pipeline(transaction=False)
     for queue in names:
-        for key in queue_keys(queue):
+        for key in waiting_lists(queue):  # the priority lists, then the lane
             pipe.llen(key)
+    counts = iter(cast(list[int], pipe.execute()))
+    depths = {}
     for queue in names:
-        pipe.llen(lane_list(queue))
-    counts = cast(list[int], pipe.execute())
-    steps = iter(counts)
-    depths = {queue: {step: int(next(steps)) for step in PRIORITY_STEPS} for queue in names}
-    for queue, lane in zip(names, counts[len(names) * len(PRIORITY_STEPS) :], strict=True):
-        depths[queue][LANE_PRIORITY] += int(lane)  # lane jobs are normal-priority jobs
+        depths[queue] = {step: int(next(counts)) for step in PRIORITY_STEPS}
+        depths[queue][LANE_PRIORITY] += int(next(counts))  # lane jobs are normal-priority jobs
     return depths
 
 
