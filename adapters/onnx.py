@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,22 @@ _ONNX_DTYPES = {
     "tensor(bool)": "bool",
     "tensor(string)": "string",
 }
+
+
+# Ops whose output rows depend on the other rows of the call: dynamic quantization takes
+# one scale over the whole input tensor (onnxruntime's quantize_dynamic inserts them).
+_ROW_COUPLING_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"})
+
+
+def couples_rows(artifact: str | Path) -> bool:
+    """Whether the model's outputs for a row depend on the other rows of the same call
+    (then a batch must be the caller's rows exactly: never merged with others, never cut)."""
+    try:
+        import onnx
+    except ImportError:  # a runtime-only install: the worker cannot tell; assume independent rows
+        return False
+    graph = onnx.load(str(artifact), load_external_data=False).graph
+    return any(node.op_type in _ROW_COUPLING_OPS for node in graph.node)
 
 
 class OnnxAdapter(Adapter):

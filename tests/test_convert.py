@@ -247,6 +247,13 @@ def test_int8_quantization_reports_size_shrink_and_accuracy_delta_as_a_table(
     out = client.predict(adapted.spec.ref, digits_mlp.X, timeout_s=120)
     np.testing.assert_array_equal(column(out, "label"), label)
     np.testing.assert_allclose(column(out, "probabilities"), proba, rtol=1e-5, atol=1e-6)
+    # Dynamic quantization takes one scale over a call's rows: jobs in flight together,
+    # packed or not, must each get the answer of a call of their own (never merged or cut).
+    pieces = [digits_mlp.X[i : i + n] for i, n in ((0, 7), (7, 300), (307, 40), (347, 250))]
+    jobs = [client.submit(adapted.spec.ref, p) for p in pieces] + client.submit_many(adapted.spec.ref, pieces)
+    for piece, job in zip(pieces * 2, jobs, strict=True):
+        own = session.run(None, {"X": piece})[1]
+        np.testing.assert_allclose(column(job.result(timeout_s=60), "probabilities"), own, rtol=1e-5, atol=1e-6)
 
 
 def test_fp16_and_optimize_keep_results_and_register(

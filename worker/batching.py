@@ -125,6 +125,7 @@ class Batcher:
         instances: model calls that may run at once (like Triton's instance count): on a
             CPU, two single-threaded calls keep both cores busy where one two-threaded call
             stalls whenever another process takes one of its cores.
+        merge: coalesce requests (off for a model whose rows affect each other's outputs).
     """
 
     def __init__(
@@ -137,6 +138,7 @@ class Batcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         incoming: Callable[[], int] | None = None,
         instances: int = 1,
+        merge: bool = True,
     ) -> None:
         self._predict = predict
         self.max_batch_rows = max(1, max_batch_rows)
@@ -144,6 +146,7 @@ class Batcher:
         self.name = name
         self._on_batch = on_batch
         self._incoming = incoming
+        self.merges = merge
         self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._held: Request | None = None
         # Held during every model call: a request that finds an instance free, with nothing
@@ -220,6 +223,8 @@ class Batcher:
             self._queue.put(None)  # for the other instances
             return None
         batch, rows = [first], first.rows
+        if not self.merges:
+            return batch
         deadline = time.monotonic() + self.max_delay_s
         while rows < self.max_batch_rows:
             if self._idle():

@@ -14,6 +14,7 @@ import numpy as np
 
 from adapters import Adapter, ModelLoadError, adapter_class
 from adapters.base import TensorInfo
+from adapters.onnx import couples_rows
 from adapters.parity import sample_inputs
 from producers.registry import ModelSpec, Registry
 from worker.batching import Arrivals, Batcher, BatchStats
@@ -35,6 +36,7 @@ class LoadedModel:
 # Frameworks whose sessions take a per-session thread count (torch's is process-wide).
 _CALIBRATED = frozenset({"onnx"})
 _PROBE_ROWS = 8192
+_UNCUT = 1 << 40  # "no limit" on rows per call
 _PROBE_MIN_ROWS = 16
 _PROBE_S = 0.05
 _CALL_ROWS = (512, 1024, 2048, 4096, 8192)
@@ -134,7 +136,12 @@ class ModelCache:
             _cores() if spec.framework == "sklearn" else 1
         )
         explicit = {"instances", "threads"} & set(spec.options) or settings.instances or settings.intra_op_threads
-        tune = spec.framework in _CALIBRATED and device == "cpu" and not explicit and _cores() > 1
+        # A row-coupled model (dynamic quantization) gives a job's rows the answer it gives
+        # them in one call of their own only: one call per request, never merged or cut.
+        coupled = spec.framework == "onnx" and couples_rows(spec.artifact)
+        if coupled:
+            instances, max_rows = 1, _UNCUT
+        tune = spec.framework in _CALIBRATED and device == "cpu" and not explicit and _cores() > 1 and not coupled
         if tune:
             adapter, instances, max_rows = self._calibrate(spec, options, max_rows, size=not spec.max_batch_rows)
         else:
@@ -155,6 +162,7 @@ class ModelCache:
             on_batch=(lambda stats: on_batch(spec, stats)) if on_batch else None,
             incoming=(lambda: arrivals.count(spec.ref)) if arrivals is not None else None,
             instances=instances if device == "cpu" else 1,
+            merge=not coupled,
         )
         return LoadedModel(spec, adapter, batcher, load_s)
 
