@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
         worker = start_worker(server.url, work / "worker.log")
         client = Client.from_url(server.url)
+        remote = Client.from_url(server.url, shm_dir="")
         try:
             from worker.registration import build_spec
 
@@ -200,13 +201,20 @@ def main(argv: list[str] | None = None) -> int:
                 client.predict(name, X[:256], timeout_s=120)  # load the model on the worker
                 inproc_rows_s(model, X, 4096)  # warm
                 runs = [
-                    (inproc_rows_s(model, X, 4096), inproc_rows_s(model, X, 8192), large_job_rows_s(client, name, X))
+                    (
+                        inproc_rows_s(model, X, 4096),
+                        inproc_rows_s(model, X, 8192),
+                        large_job_rows_s(client, name, X),  # shared memory: this host's worker
+                        large_job_rows_s(remote, name, X),  # through Redis, as from another host
+                    )
                     for _ in range(repeats)
                 ]
-                for key, values in zip(("inproc_4096_rows_s", "inproc_8192_rows_s", "e2e_large_rows_s"), zip(*runs)):
+                names = ("inproc_4096_rows_s", "inproc_8192_rows_s", "e2e_large_rows_s", "e2e_large_redis_rows_s")
+                for key, values in zip(names, zip(*runs)):
                     fig[key] = statistics.median(values)
                 best = max(fig["inproc_4096_rows_s"], fig["inproc_8192_rows_s"])
                 fig["large_ratio"] = fig["e2e_large_rows_s"] / best
+                fig["large_redis_ratio"] = fig["e2e_large_redis_rows_s"] / best
                 results["models"][name] = fig
             mlp = "onnx-mlp"
             if mlp in models:
@@ -269,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
         finally:
             client.close()
+            remote.close()
             stop_process(worker)
     if not args.no_ensemble:
         from bench.ensemble import run as run_ensemble
@@ -292,10 +301,15 @@ def _machine() -> dict[str, Any]:
 
 def print_table(results: dict[str, Any]) -> None:
     print(f"\nhetbatch benchmark: {results['rows']:,} rows, {results['machine']['cpus']} CPUs (medians)")
-    print(f"{'model':14} {'in-process rows/s':>18} {'hetbatch rows/s':>16} {'ratio':>6}")
+    print("(hetbatch: input through shared memory, as from a producer on the worker's host;")
+    print(" via Redis: the same job from a producer without the folder, as from another host)")
+    print(f"{'model':14} {'in-process rows/s':>18} {'hetbatch rows/s':>16} {'ratio':>6} {'via Redis':>10} {'ratio':>6}")
     for name, fig in results["models"].items():
         best = max(fig["inproc_4096_rows_s"], fig["inproc_8192_rows_s"])
-        print(f"{name:14} {best:18,.0f} {fig['e2e_large_rows_s']:16,.0f} {fig['large_ratio']:6.2f}")
+        print(
+            f"{name:14} {best:18,.0f} {fig['e2e_large_rows_s']:16,.0f} {fig['large_ratio']:6.2f}"
+            f" {fig['e2e_large_redis_rows_s']:10,.0f} {fig['large_redis_ratio']:6.2f}"
+        )
     fig = results["models"].get("onnx-mlp", {})
     if "small_coalesced_jobs_s" in fig:
         print("\nsmall jobs (1-16 rows, onnx-mlp), jobs/s:")

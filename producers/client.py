@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
 import time
 import uuid
@@ -16,6 +17,7 @@ import pyarrow as pa
 import redis
 from celery import Celery
 
+from producers import shm
 from producers.connect import connect
 from producers.ensemble import EnsembleSpec, plan_stage
 from producers.errors import (
@@ -52,6 +54,8 @@ from producers.wire import (
 )
 
 __all__ = ["Client", "Job", "Pack", "assemble", "make_producer_app", "status_of"]
+
+log = logging.getLogger(__name__)
 
 _PRIORITIES = {"high": 0, "normal": 5, "low": 9}
 _FLUSH_BYTES = 1 << 20
@@ -257,7 +261,7 @@ class Client:
         self._listener: threading.Thread | None = None
         self._closed = threading.Event()
         self._specs: dict[str, tuple[float, Spec]] = {}
-        self._lanes: dict[str, tuple[float, bool]] = {}  # queue -> (checked at, drained)
+        self._lanes: dict[str, tuple[float, bool]] = {}  # queue or lane -> (checked at, consumed)
 
     @property
     def _app(self) -> Celery:
@@ -348,6 +352,8 @@ class Client:
         step = chunk_rows or self.settings.chunk_rows
         starts = range(0, table.num_rows, step)
         queue = self._route(spec)
+        # A big job goes through shared memory while a worker on this host takes it.
+        host = self._host_queue(queue) if table.nbytes >= self.settings.shm_min_bytes else None
         job = Job(self, uuid.uuid4().hex, spec.ref, len(starts), table.num_rows)
         self._track(job.id, job.chunks)
         deadline = time.time() + deadline_s if deadline_s is not None else None
@@ -355,16 +361,18 @@ class Client:
         outbox: list[TaskEnvelope] = []
         self._record(pipe, job.id, job.model, job.chunks, job.rows)
         lane = job.chunks == 1 and level == LANE_PRIORITY and 0 < job.rows <= self.settings.lane_max_rows
-        lane = lane and self._lane_drained(queue)
+        lane = lane and host is None and self._lane_drained(queue)
         buffered = 0
         try:
             for chunk, start in enumerate(starts):
                 part = table.slice(start, step)
                 blob = encode_table(part)
-                env = self._envelope(
-                    spec, [Item(job.id, chunk, part.num_rows)], blob, self.keys.input(job.id, chunk), pipe, deadline
-                )
-                self._enqueue(pipe, queue, env, level, outbox, lane=lane)
+                item = Item(job.id, chunk, part.num_rows)
+                env = self._shm_envelope(spec, item, blob, deadline) if host is not None else None
+                if env is None:  # through Redis (or the folder is full)
+                    host = None
+                    env = self._envelope(spec, [item], blob, self.keys.input(job.id, chunk), pipe, deadline)
+                self._enqueue(pipe, host or queue, env, level, outbox, lane=lane)
                 buffered += len(blob)
                 if buffered >= _FLUSH_BYTES:  # let workers start on early chunks of a big job
                     self._execute(pipe, outbox)
@@ -372,6 +380,7 @@ class Client:
             self._execute(pipe, outbox)
         except Exception:
             self._untrack(job.id)
+            shm.unlink(self.settings.shm_dir, [shm.payload_name(job.id, c) for c in range(len(starts))])
             raise
         return job
 
@@ -501,7 +510,7 @@ class Client:
         """
         name, _ = parse_ref(model)
         spec = self.registry.get(name)
-        return purge_model(self.redis, self.keys, name, spec.queue)
+        return purge_model(self.redis, self.keys, name, spec.queue, self.settings.shm_dir)
 
     def job(self, job_id: str) -> Job:
         """Re-attach to a job submitted earlier (by this or another process).
@@ -551,6 +560,29 @@ class Client:
             return TaskEnvelope(payload_b64=base64.b64encode(blob).decode(), **common)
         pipe.set(key, blob, ex=self.settings.input_ttl_s)
         return TaskEnvelope(payload_key=key, **common)
+
+    def _shm_envelope(
+        self, spec: ModelSpec, item: Item, blob: bytes | memoryview, deadline: float | None
+    ) -> TaskEnvelope | None:
+        """The task of a chunk whose bytes go to a shared-memory file (``producers.shm``),
+        or None when the file cannot be written (the chunk then goes through Redis)."""
+        if len(blob) > self.settings.max_payload_bytes:
+            raise PayloadTooLarge(len(blob), self.settings.max_payload_bytes)
+        name = shm.payload_name(item.job_id, item.chunk)
+        try:
+            shm.write_payload(self.settings.shm_dir, name, blob)
+        except OSError as exc:
+            log.warning("job %s: %s not written (%s); the chunk goes through Redis", item.job_id, name, exc)
+            shm.unlink(self.settings.shm_dir, [name])
+            return None
+        return TaskEnvelope(
+            model=spec.name,
+            version=spec.version,
+            items=(item,),
+            payload_shm=name,
+            reply_to=self._reply_key,
+            deadline=deadline,
+        )
 
     def _submit_ensemble(
         self,
@@ -644,15 +676,28 @@ class Client:
                 time.sleep(0.1 * 2**attempt)
 
     def _lane_drained(self, queue: str) -> bool:
-        """Whether a live worker drains ``queue``'s lane (its heartbeat keeps a key fresh);
-        cached like model specs. Without one, a job takes Celery: a lane nobody drains
-        (prefork-only or older workers) would keep it waiting."""
+        """Whether a live worker drains ``queue``'s lane. Without one, a job takes Celery:
+        a lane nobody drains (prefork-only or older workers) would keep it waiting."""
+        return self._alive(lane_list(queue))
+
+    def _alive(self, queue: str) -> bool:
+        """Whether a live worker consumes ``queue`` (its heartbeat keeps a key fresh);
+        cached like model specs."""
         now = time.monotonic()
         hit = self._lanes.get(queue)
         if hit is None or now - hit[0] >= self.settings.registry_ttl_s:
-            hit = (now, bool(self.redis.exists(self.keys.alive(lane_list(queue)))))
+            hit = (now, bool(self.redis.exists(self.keys.alive(queue))))
             self._lanes[queue] = hit
         return hit[1]
+
+    def _host_queue(self, queue: str) -> str | None:
+        """``queue``'s host queue while a live worker consumes it, that is one that shares
+        this client's shared-memory folder (``producers.shm``); cached like model specs."""
+        token = shm.host_token(self.settings.shm_dir)
+        if token is None:
+            return None
+        host = shm.host_queue(queue, token)
+        return host if self._alive(host) else None
 
     def _route(self, spec: ModelSpec) -> str:
         """The model's queue; a gpu model with ``fallback = "cpu"`` goes to the cpu queue while no

@@ -18,6 +18,7 @@ import redis
 
 from producers.errors import PayloadError
 from producers.publish import PRIORITY_STEPS, lane_list, priority_list
+from producers.shm import HOST_SEP, unlink
 from producers.wire import Keys, TaskEnvelope
 
 __all__ = ["PurgeReport", "delete_job", "purge_model", "queue_keys", "waiting_lists"]
@@ -91,7 +92,7 @@ def _scan_list(client: redis.Redis, key: str) -> Iterator[bytes]:
         start += _PAGE
 
 
-def purge_model(client: redis.Redis, keys: Keys, name: str, queue: str) -> PurgeReport:
+def purge_model(client: redis.Redis, keys: Keys, name: str, queue: str, shm_dir: str = "") -> PurgeReport:
     """Drop the queued tasks of model ``name`` (any version) from ``queue``, then the
     inputs, results and records of every job of that model still in Redis.
 
@@ -100,7 +101,11 @@ def purge_model(client: redis.Redis, keys: Keys, name: str, queue: str) -> Purge
     removed_messages = 0
     job_ids: set[str] = set()
     doomed: set[str] = set()
-    for key in waiting_lists(queue):
+    files: list[str] = []
+    # The queue's host queues too (producers.shm): ``<queue>@<token>`` and their priority lists.
+    found = client.scan_iter(match=f"{queue}{HOST_SEP}*", count=_PAGE, _type="list")
+    hosts = sorted({k.decode() if isinstance(k, bytes) else str(k) for k in found})
+    for key in [*waiting_lists(queue), *hosts]:
         matches = []
         for raw in _scan_list(client, key):
             env = _envelope(raw)
@@ -111,6 +116,8 @@ def purge_model(client: redis.Redis, keys: Keys, name: str, queue: str) -> Purge
                     doomed.update((keys.job(str(env["pack"])), keys.result(str(env["pack"]), 0)))
                 if env.get("payload_key"):
                     doomed.add(str(env["payload_key"]))
+                if env.get("payload_shm"):
+                    files.append(str(env["payload_shm"]))
         for raw in dict.fromkeys(matches):
             removed_messages += int(client.lrem(key, 1, raw))  # type: ignore[arg-type]  # bytes are fine
     prefix = f"{name}@"
@@ -129,4 +136,6 @@ def purge_model(client: redis.Redis, keys: Keys, name: str, queue: str) -> Purge
     names = sorted(doomed)
     for start in range(0, len(names), _PAGE):
         deleted += int(client.delete(*names[start : start + _PAGE]))
+    if shm_dir:  # files of another host's folder are swept there once their TTL passes
+        unlink(shm_dir, files)
     return PurgeReport(messages=removed_messages, jobs=len(job_ids), keys=deleted)

@@ -59,6 +59,13 @@ class ClientSettings:
     drains that lane is alive (its heartbeat says so). 0 turns the lane off.
     Flower shows lane batches (``hetbatch.lane``), not each job."""
 
+    shm_dir: str = "/dev/shm"
+    """Shared-memory folder: a job of at least ``shm_min_bytes`` goes through a file there
+    (``producers.shm``) while a worker sharing the folder consumes the model's queue; it
+    skips two copies through Redis and two through sockets. "" turns it off."""
+    shm_min_bytes: int = 1 << 20
+    """Smallest job (bytes of its input rows in memory) sent through shared memory."""
+
     @classmethod
     def from_env(cls, **overrides: Any) -> ClientSettings:
         values = env_overrides(cls)

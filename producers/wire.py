@@ -138,6 +138,8 @@ class TaskEnvelope:
     items: tuple[Item, ...]
     payload_key: str | None = None
     payload_b64: str | None = None
+    # The name of a file in the shared-memory folder both sides see (producers.shm).
+    payload_shm: str | None = None
     reply_to: str | None = None
     deadline: float | None = None  # unix seconds
     v: int = SCHEMA_VERSION
@@ -172,7 +174,7 @@ class TaskEnvelope:
             out["sizes"] = [i.rows for i in self.items]
         else:
             out["items"] = [[i.job_id, i.chunk, i.rows] for i in self.items]
-        for name in ("payload_key", "payload_b64", "reply_to", "deadline", "then", "pack"):
+        for name in ("payload_key", "payload_b64", "payload_shm", "reply_to", "deadline", "then", "pack"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -205,6 +207,7 @@ class TaskEnvelope:
                 items=items,
                 payload_key=_opt(data.get("payload_key"), str),
                 payload_b64=_opt(data.get("payload_b64"), str),
+                payload_shm=_opt(data.get("payload_shm"), str),
                 reply_to=_opt(data.get("reply_to"), str),
                 deadline=_opt(data.get("deadline"), (int, float)),
                 then=_opt(data.get("then"), dict),
@@ -212,8 +215,8 @@ class TaskEnvelope:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PayloadError(f"malformed task envelope: {exc}") from exc
-        if (env.payload_key is None) == (env.payload_b64 is None):
-            raise PayloadError("malformed task envelope: needs exactly one of payload_key, payload_b64")
+        if sum(p is not None for p in (env.payload_key, env.payload_b64, env.payload_shm)) != 1:
+            raise PayloadError("malformed task envelope: needs exactly one of payload_key, payload_b64, payload_shm")
         return env
 
     def inline_payload(self) -> bytes:

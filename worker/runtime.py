@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import redis
 
+from producers import shm
 from producers.connect import connect
 from producers.errors import HetbatchError, JobExpired, JobLost, PayloadError, RemoteError, SchemaMismatch
 from producers.ledger import Ledger, Start, task_id_of
@@ -208,6 +209,8 @@ class Runtime:
         inputs = [env.payload_key for env, _ in finished if env.payload_key is not None and env.then is None]
         if inputs:
             self.redis.delete(*inputs)
+        files = [env.payload_shm for env, _ in finished if env.payload_shm is not None and env.then is None]
+        shm.unlink(self.settings.shm_dir, files)
 
     def _after_store(self, env: TaskEnvelope) -> None:
         for hook in self.after_store:
@@ -262,7 +265,7 @@ class Runtime:
                     outcomes.append(_error(offset, item, exc))
                     continue
                 last = runs[-1][-1] if runs else None
-                if last is not None and last[0] + last[1].rows == offset:
+                if last is not None and last[0] + last[1].rows == offset and model.batcher.merges:
                     runs[-1].append((offset, item))
                 else:
                     runs.append([(offset, item)])
@@ -321,6 +324,9 @@ class Runtime:
             data = cast(bytes | None, self.redis.get(env.payload_key))
             if data is None:
                 raise JobLost(env.items[0].job_id, f"input {env.payload_key} is gone (TTL passed or Redis lost it)")
+        elif env.payload_shm is not None:
+            job, limit = env.items[0].job_id, self.settings.max_payload_bytes
+            data = shm.read_payload(self.settings.shm_dir, env.payload_shm, job, limit)
         else:
             data = env.inline_payload()
         table = decode_table(data, max_bytes=self.settings.max_payload_bytes, max_rows=env.rows)

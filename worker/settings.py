@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from producers.settings import DEFAULT_REDIS_URL, env_overrides
+from producers.shm import HOST_SEP, host_queue, host_token
 from producers.wire import FRAMEWORKS, FUSION_QUEUE, queue_for
 
 __all__ = ["WorkerSettings"]
@@ -86,6 +87,12 @@ class WorkerSettings:
     overdue_s: float = 30.0
     """Age of a published task after which the reconciler checks that a queue still holds it."""
 
+    shm_dir: str = "/dev/shm"
+    """Shared-memory folder for big payloads from producers on this host (``producers.shm``):
+    the worker also consumes its queues' host queues. "" turns it off."""
+    shm_ttl_s: int = 86_400
+    """Payload files older than this are deleted (as Redis expires an unclaimed input)."""
+
     def __post_init__(self) -> None:
         if self.pool not in ("cpu", "gpu"):
             raise ValueError(f"pool must be 'cpu' or 'gpu', not {self.pool!r}")
@@ -97,10 +104,16 @@ class WorkerSettings:
 
     @property
     def queue_names(self) -> list[str]:
+        """The queues this worker consumes: its pool's (or ``queues``), then their host queues."""
         if self.queues:
-            return [q.strip() for q in self.queues.split(",") if q.strip()]
-        names = [queue_for(f, self.pool) for f in FRAMEWORKS if not (f == "sklearn" and self.pool == "gpu")]
-        return [*names, FUSION_QUEUE] if self.pool == "cpu" else names
+            names = [q.strip() for q in self.queues.split(",") if q.strip()]
+        else:
+            names = [queue_for(f, self.pool) for f in FRAMEWORKS if not (f == "sklearn" and self.pool == "gpu")]
+            names += [FUSION_QUEUE] if self.pool == "cpu" else []
+        token = host_token(self.shm_dir, create=True)
+        if token is None:
+            return names
+        return names + [host_queue(q, token) for q in names if q != FUSION_QUEUE and HOST_SEP not in q]
 
     @classmethod
     def from_env(cls, **overrides: Any) -> WorkerSettings:

@@ -24,6 +24,7 @@ from typing import Any, cast
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
+from producers import shm
 from producers.publish import LANE_PRIORITY, PRIORITY_STEPS, lane_list
 from producers.retention import waiting_lists
 from producers.wire import DEVICES, FRAMEWORKS, Keys, queue_for
@@ -33,6 +34,8 @@ from worker.settings import WorkerSettings
 __all__ = ["Heartbeat", "StatusReport", "WorkerInfo", "add_parser", "collect", "queue_depths", "render"]
 
 log = logging.getLogger(__name__)
+
+_SWEEP_EVERY_S = 300.0  # old shared-memory payloads are looked for this often
 
 
 def _heartbeat_key(keys: Keys, name: str) -> str:
@@ -119,12 +122,17 @@ class Heartbeat:
                 self._client.eval(_RELEASE, 1, key, self._name)
 
     def _loop(self) -> None:
+        swept = 0.0
         while not self._stop.is_set():
             try:
                 self.beat()
             except redis.RedisError as exc:
                 # Redis down: the worker itself reconnects; the record just ages out.
                 log.warning("heartbeat not written: %s", exc)
+            if time.monotonic() - swept > _SWEEP_EVERY_S and self._settings.shm_dir:
+                swept = time.monotonic()
+                if removed := shm.sweep(self._settings.shm_dir, self._settings.shm_ttl_s):
+                    log.info("deleted %d shared-memory payloads older than %d s", removed, self._settings.shm_ttl_s)
             self._stop.wait(self._settings.heartbeat_interval_s)
 
 
