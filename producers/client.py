@@ -230,6 +230,8 @@ class Job:
         """
         with self._client._lock:
             self._client._waiters.pop(self.unit, None)
+        # Inputs in this host's shared-memory folder too (a chunk still queued then fails with JobLost).
+        shm.unlink(self._client.settings.shm_dir, [shm.payload_name(self.unit, c) for c in range(self.chunks)])
         return delete_job(self._client.redis, self._client.keys, self.unit, self.chunks)
 
 

@@ -109,6 +109,8 @@ def read_payload(folder: str, name: str, job_id: str, max_bytes: int) -> bytes:
     """
     if not _NAME.fullmatch(name):
         raise PayloadError(f"job {job_id}: {name!r} is not a shared-memory payload name")
+    if not folder:
+        raise PayloadError(f"job {job_id}: its input is in shared memory, and this worker has none (shm_dir is empty)")
     try:
         fd = os.open(Path(folder) / name, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -123,6 +125,8 @@ def read_payload(folder: str, name: str, job_id: str, max_bytes: int) -> bytes:
 
 
 def unlink(folder: str, names: list[str]) -> None:
+    if not folder:
+        return
     for name in names:
         if _NAME.fullmatch(name):
             try:

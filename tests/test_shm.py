@@ -58,6 +58,8 @@ def test_payload_files_refuse_hostile_names_links_and_oversize(tmp_path: Path) -
         shm.read_payload(str(tmp_path), link, "job-2", 1024)
     with pytest.raises(JobLost, match="gone"):
         shm.read_payload(str(tmp_path), shm.payload_name("ef" * 16, 0), "job-3", 1024)
+    with pytest.raises(PayloadError, match="has none"):  # never a path relative to the worker's folder
+        shm.read_payload("", good, "job-4", 1024)
 
 
 def test_the_sweep_deletes_old_payload_files_only(tmp_path: Path) -> None:
@@ -197,3 +199,7 @@ def test_purge_drops_host_queue_tasks_and_their_files(redis_server: RedisServer,
         assert report.messages == 4 and report.jobs == 1
         assert _files(tmp_path) == []
         assert client.redis.llen(priority_list(shm.host_queue(QUEUE, token), 5)) == 0
+        job = client.submit("shm-digits", digits.X, chunk_rows=500)
+        assert len(_files(tmp_path)) == 4
+        job.delete()  # its inputs go with it
+        assert _files(tmp_path) == []
