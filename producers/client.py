@@ -264,7 +264,7 @@ class Client:
         self._listener: threading.Thread | None = None
         self._closed = threading.Event()
         self._specs: dict[str, tuple[float, Spec]] = {}
-        self._lanes: dict[str, tuple[float, bool]] = {}  # queue or lane -> (checked at, consumed)
+        self._consumed: dict[str, tuple[float, bool]] = {}  # queue or lane -> (checked at, a worker takes it)
 
     @property
     def _app(self) -> Celery:
@@ -370,11 +370,11 @@ class Client:
             for chunk, start in enumerate(starts):
                 part = table.slice(start, step)
                 blob = encode_table(part)
-                item = Item(job.id, chunk, part.num_rows)
-                env = self._shm_envelope(spec, item, blob, deadline) if host is not None else None
-                if env is None:  # through Redis (or the folder is full)
+                file = shm.payload_name(job.id, chunk) if host is not None else None
+                items = [Item(job.id, chunk, part.num_rows)]
+                env = self._envelope(spec, items, blob, self.keys.input(job.id, chunk), pipe, deadline, file=file)
+                if env.payload_shm is None:  # through Redis after all: the folder is full
                     host = None
-                    env = self._envelope(spec, [item], blob, self.keys.input(job.id, chunk), pipe, deadline)
                 self._enqueue(pipe, host or queue, env, level, outbox, lane=lane)
                 buffered += len(blob)
                 if buffered >= _FLUSH_BYTES:  # let workers start on early chunks of a big job
@@ -553,7 +553,11 @@ class Client:
         pipe: Any,
         deadline: float | None,
         pack: str | None = None,
+        file: str | None = None,
     ) -> TaskEnvelope:
+        """The task of ``blob``: inline, by reference to ``key`` (queued on ``pipe``) or,
+        given a ``file`` name, in that shared-memory file (``producers.shm``) when it can
+        be written there."""
         if len(blob) > self.settings.max_payload_bytes:
             raise PayloadTooLarge(len(blob), self.settings.max_payload_bytes)
         common: dict[str, Any] = dict(
@@ -564,33 +568,17 @@ class Client:
             deadline=deadline,
             pack=pack,
         )
+        if file is not None:
+            try:
+                shm.write_payload(self.settings.shm_dir, file, blob)
+                return TaskEnvelope(payload_shm=file, **common)
+            except OSError as exc:
+                log.warning("%s not written (%s); the chunk goes through Redis", file, exc)
+                shm.unlink(self.settings.shm_dir, [file])
         if len(blob) <= self.settings.inline_max_bytes:
             return TaskEnvelope(payload_b64=base64.b64encode(blob).decode(), **common)
         pipe.set(key, blob, ex=self.settings.input_ttl_s)
         return TaskEnvelope(payload_key=key, **common)
-
-    def _shm_envelope(
-        self, spec: ModelSpec, item: Item, blob: bytes | memoryview, deadline: float | None
-    ) -> TaskEnvelope | None:
-        """The task of a chunk whose bytes go to a shared-memory file (``producers.shm``),
-        or None when the file cannot be written (the chunk then goes through Redis)."""
-        if len(blob) > self.settings.max_payload_bytes:
-            raise PayloadTooLarge(len(blob), self.settings.max_payload_bytes)
-        name = shm.payload_name(item.job_id, item.chunk)
-        try:
-            shm.write_payload(self.settings.shm_dir, name, blob)
-        except OSError as exc:
-            log.warning("job %s: %s not written (%s); the chunk goes through Redis", item.job_id, name, exc)
-            shm.unlink(self.settings.shm_dir, [name])
-            return None
-        return TaskEnvelope(
-            model=spec.name,
-            version=spec.version,
-            items=(item,),
-            payload_shm=name,
-            reply_to=self._reply_key,
-            deadline=deadline,
-        )
 
     def _submit_ensemble(
         self,
@@ -692,10 +680,10 @@ class Client:
         """Whether a live worker consumes ``queue`` (its heartbeat keeps a key fresh);
         cached like model specs."""
         now = time.monotonic()
-        hit = self._lanes.get(queue)
+        hit = self._consumed.get(queue)
         if hit is None or now - hit[0] >= self.settings.registry_ttl_s:
             hit = (now, bool(self.redis.exists(self.keys.alive(queue))))
-            self._lanes[queue] = hit
+            self._consumed[queue] = hit
         return hit[1]
 
     def _host_queue(self, queue: str) -> str | None:
