@@ -43,6 +43,17 @@ def _inputs(client: Client) -> list[bytes]:
     return list(client.redis.scan_iter(match=f"{client.keys.prefix}:in:*"))
 
 
+def _host_client(url: str, folder: str, model: Path) -> tuple[Client, str]:
+    """A client sharing ``folder`` with a worker, once the worker announced its host queue."""
+    client = Client.from_url(url, shm_dir=folder, shm_min_bytes=10_000)
+    register(client, model)
+    deadline = time.monotonic() + 30
+    while (host := client._host_queue(QUEUE)) is None:  # the worker's first heartbeat
+        assert time.monotonic() < deadline, "no worker said it consumes its host queue"
+        time.sleep(0.05)
+    return client, host
+
+
 def test_payload_files_refuse_hostile_names_links_and_oversize(tmp_path: Path) -> None:
     good = shm.payload_name("ab" * 16, 3)
     shm.write_payload(str(tmp_path), good, b"arrow bytes")
@@ -88,13 +99,9 @@ def test_a_big_job_goes_through_shared_memory_and_matches_in_process(
     folder = str(tmp_path)
     worker = WorkerProcess(redis_server.url, work_dir, env={"HETBATCH_SHM_DIR": folder})
     try:
-        with Client.from_url(redis_server.url, shm_dir=folder, shm_min_bytes=10_000) as client:
-            register(client, digits.directory)
-            host = shm.host_queue(QUEUE, str(shm.host_token(folder)))
-            deadline = time.monotonic() + 30
-            while not client._host_queue(QUEUE):  # the worker's first heartbeat
-                assert time.monotonic() < deadline, "the worker never said it consumes its host queue"
-                time.sleep(0.05)
+        client, host = _host_client(redis_server.url, folder, digits.directory)
+        with client:
+            assert host == shm.host_queue(QUEUE, str(shm.host_token(folder)))
             X = np.concatenate([digits.X] * 3)  # 5,391 rows x 64 float64: 2.8 MB
             job = client.submit("shm-digits", X, chunk_rows=1000)
             small = client.submit("shm-digits", digits.X[:5])  # under shm_min_bytes: through Redis
@@ -122,11 +129,8 @@ def test_a_hostile_or_missing_payload_file_fails_its_job_alone(
     folder = str(tmp_path)
     worker = WorkerProcess(redis_server.url, work_dir, env={"HETBATCH_SHM_DIR": folder})
     try:
-        with Client.from_url(redis_server.url, shm_dir=folder, shm_min_bytes=10_000) as client:
-            register(client, digits.directory)
-            while not client._host_queue(QUEUE):
-                time.sleep(0.05)
-            host = str(client._host_queue(QUEUE))
+        client, host = _host_client(redis_server.url, folder, digits.directory)
+        with client:
             # A producer that names a file outside the folder, or one that is gone.
             for job_id, name in (("a" * 32, "../../../etc/passwd"), ("b" * 32, shm.payload_name("b" * 32, 0))):
                 env = {"v": 1, "model": "shm-digits", "version": "1", "items": [[job_id, 0, 10]],
@@ -163,10 +167,8 @@ def test_a_sigkilled_worker_loses_no_shared_memory_job(
     env = {**FAST_RECOVERY, "HETBATCH_SHM_DIR": folder}
     first, second = FaultyWorker(redis_server.url, work_dir, env=env), None
     try:
-        with Client.from_url(redis_server.url, shm_dir=folder, shm_min_bytes=10_000) as client:
-            register(client, slow.directory)
-            while not client._host_queue(QUEUE):
-                time.sleep(0.05)
+        client, _ = _host_client(redis_server.url, folder, slow.directory)
+        with client:
             job = client.submit("shm-slow", slow.X, chunk_rows=600)
             assert len(_files(tmp_path)) == 3
             deadline = time.monotonic() + 60
