@@ -22,6 +22,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from bench import ray_data
 from bench.setup import FEATURES, ROOT, BenchModel, build_models, start_process, start_worker, stop_process
 from producers import Client
 from worker.redis_server import RedisServer
@@ -217,6 +218,17 @@ def main(argv: list[str] | None = None) -> int:
                 fig["large_redis_ratio"] = fig["e2e_large_redis_rows_s"] / best
                 results["models"][name] = fig
             mlp = "onnx-mlp"
+            if mlp in models and not q and ray_data.available():
+                print(f"[bench] {mlp}: Ray Data map_batches on the same rows...", flush=True)
+                m = models[mlp]
+                fig = results["models"][mlp]
+                fig["ray_data_rows_s"], inproc = ray_data.ray_vs_inprocess(
+                    m.directory / "model.onnx",
+                    X,
+                    lambda: max(inproc_rows_s(m, X, 4096), inproc_rows_s(m, X, 8192)),
+                    repeats,
+                )
+                fig["ray_data_ratio"] = fig["ray_data_rows_s"] / inproc
             if mlp in models:
                 fig = results["models"][mlp]
                 pieces = small_pieces(X, jobs)
@@ -311,6 +323,11 @@ def print_table(results: dict[str, Any]) -> None:
             f" {fig['e2e_large_redis_rows_s']:10,.0f} {fig['large_redis_ratio']:6.2f}"
         )
     fig = results["models"].get("onnx-mlp", {})
+    if "ray_data_rows_s" in fig:
+        print(
+            f"Ray Data map_batches, onnx-mlp (2 actors of one thread, 4,096-row batches, one job): "
+            f"{fig['ray_data_rows_s']:,.0f} rows/s = {fig['ray_data_ratio']:.2f}x in-process"
+        )
     if "small_coalesced_jobs_s" in fig:
         print("\nsmall jobs (1-16 rows, onnx-mlp), jobs/s:")
         print(f"  naive one Celery task per row   {fig['naive_jobs_s']:10,.0f}   1.0x")
