@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -93,64 +94,61 @@ def test_a_worker_consumes_its_queues_host_queues(tmp_path: Path) -> None:
     assert shm.host_token(str(tmp_path / "missing"), create=True) is None
 
 
+@pytest.fixture()
+def shm_worker(redis_server: RedisServer, work_dir: Path, tmp_path: Path) -> Iterator[WorkerProcess]:
+    """A real worker whose shared-memory folder is the test's own ``tmp_path``."""
+    worker = WorkerProcess(redis_server.url, work_dir, env={"HETBATCH_SHM_DIR": str(tmp_path)})
+    yield worker
+    worker.stop()
+
+
 def test_a_big_job_goes_through_shared_memory_and_matches_in_process(
-    redis_server: RedisServer, digits: Built, work_dir: Path, tmp_path: Path
+    redis_server: RedisServer, digits: Built, shm_worker: WorkerProcess, tmp_path: Path
 ) -> None:
     folder = str(tmp_path)
-    worker = WorkerProcess(redis_server.url, work_dir, env={"HETBATCH_SHM_DIR": folder})
-    try:
-        client, host = _host_client(redis_server.url, folder, digits.directory)
-        with client:
-            assert host == shm.host_queue(QUEUE, str(shm.host_token(folder)))
-            X = np.concatenate([digits.X] * 3)  # 5,391 rows x 64 float64: 2.8 MB
-            job = client.submit("shm-digits", X, chunk_rows=1000)
-            small = client.submit("shm-digits", digits.X[:5])  # under shm_min_bytes: through Redis
-            tasks = [f"{job.id}.{c}" for c in range(6)] + [f"{small.id}.0"]
-            queues = [client.redis.hget(LedgerKeys().task(t), "queue") for t in tasks]
-            assert queues == [host.encode()] * 6 + [QUEUE.encode()]
-            out = job.result(timeout_s=60)
-            np.testing.assert_array_equal(column(out, "label"), digits.model.predict(X))
-            np.testing.assert_allclose(column(out, "probabilities"), digits.model.predict_proba(X), atol=1e-6)
-            np.testing.assert_array_equal(column(small.result(timeout_s=60), "label"), digits.model.predict(X[:5]))
-            assert _files(tmp_path) == []  # each file went when its chunk's result was stored
-            assert not _inputs(client)
-            # A client that does not share the folder sends the same job through Redis.
-            with Client.from_url(redis_server.url, shm_dir=str(tmp_path / "elsewhere")) as other:
-                again = other.submit("shm-digits", X, chunk_rows=1000)
-                np.testing.assert_array_equal(column(again.result(timeout_s=60), "label"), digits.model.predict(X))
-    finally:
-        worker.stop()
-    assert worker.proc.returncode == 0
+    client, host = _host_client(redis_server.url, folder, digits.directory)
+    with client:
+        assert host == shm.host_queue(QUEUE, str(shm.host_token(folder)))
+        X = np.concatenate([digits.X] * 3)  # 5,391 rows x 64 float64: 2.8 MB
+        job = client.submit("shm-digits", X, chunk_rows=1000)
+        small = client.submit("shm-digits", digits.X[:5])  # under shm_min_bytes: through Redis
+        tasks = [f"{job.id}.{c}" for c in range(6)] + [f"{small.id}.0"]
+        queues = [client.redis.hget(LedgerKeys().task(t), "queue") for t in tasks]
+        assert queues == [host.encode()] * 6 + [QUEUE.encode()]
+        out = job.result(timeout_s=60)
+        np.testing.assert_array_equal(column(out, "label"), digits.model.predict(X))
+        np.testing.assert_allclose(column(out, "probabilities"), digits.model.predict_proba(X), atol=1e-6)
+        np.testing.assert_array_equal(column(small.result(timeout_s=60), "label"), digits.model.predict(X[:5]))
+        assert _files(tmp_path) == []  # each file went when its chunk's result was stored
+        assert not _inputs(client)
+        # A client that does not share the folder sends the same job through Redis.
+        with Client.from_url(redis_server.url, shm_dir=str(tmp_path / "elsewhere")) as other:
+            again = other.submit("shm-digits", X, chunk_rows=1000)
+            np.testing.assert_array_equal(column(again.result(timeout_s=60), "label"), digits.model.predict(X))
+    shm_worker.stop()
+    assert shm_worker.proc.returncode == 0
 
 
 def test_a_hostile_or_missing_payload_file_fails_its_job_alone(
-    redis_server: RedisServer, digits: Built, work_dir: Path, tmp_path: Path
+    redis_server: RedisServer, digits: Built, shm_worker: WorkerProcess, tmp_path: Path
 ) -> None:
     folder = str(tmp_path)
-    worker = WorkerProcess(redis_server.url, work_dir, env={"HETBATCH_SHM_DIR": folder})
-    try:
-        client, host = _host_client(redis_server.url, folder, digits.directory)
-        with client:
-            # A producer that names a file outside the folder, or one that is gone.
-            for job_id, name in (("a" * 32, "../../../etc/passwd"), ("b" * 32, shm.payload_name("b" * 32, 0))):
-                env = {"v": 1, "model": "shm-digits", "version": "1", "items": [[job_id, 0, 10]],
-                       "payload_shm": name, "reply_to": None}  # fmt: skip
-                client.ledger.record(client.redis, _parse(env), host, 3600)
-                client.redis.lpush(priority_list(host, 5), celery_message("hetbatch.predict", [env], host, 5, "x"))
-                client.redis.set(
-                    client.keys.job(job_id), json.dumps({"model": "shm-digits@1", "chunks": 1, "rows": 10})
-                )
-            good = client.submit("shm-digits", digits.X[:100])
-            np.testing.assert_array_equal(
-                column(good.result(timeout_s=60), "label"), digits.model.predict(digits.X[:100])
-            )
-            with pytest.raises(JobFailed, match="not a shared-memory payload name"):
-                client.job("a" * 32).result(timeout_s=60)
-            with pytest.raises(JobFailed, match="gone"):
-                client.job("b" * 32).result(timeout_s=60)
-            assert worker.alive()
-    finally:
-        worker.stop()
+    client, host = _host_client(redis_server.url, folder, digits.directory)
+    with client:
+        # A producer that names a file outside the folder, or one that is gone.
+        for job_id, name in (("a" * 32, "../../../etc/passwd"), ("b" * 32, shm.payload_name("b" * 32, 0))):
+            env = {"v": 1, "model": "shm-digits", "version": "1", "items": [[job_id, 0, 10]],
+                   "payload_shm": name, "reply_to": None}  # fmt: skip
+            client.ledger.record(client.redis, _parse(env), host, 3600)
+            client.redis.lpush(priority_list(host, 5), celery_message("hetbatch.predict", [env], host, 5, "x"))
+            client.redis.set(client.keys.job(job_id), json.dumps({"model": "shm-digits@1", "chunks": 1, "rows": 10}))
+        good = client.submit("shm-digits", digits.X[:100])
+        np.testing.assert_array_equal(column(good.result(timeout_s=60), "label"), digits.model.predict(digits.X[:100]))
+        with pytest.raises(JobFailed, match="not a shared-memory payload name"):
+            client.job("a" * 32).result(timeout_s=60)
+        with pytest.raises(JobFailed, match="gone"):
+            client.job("b" * 32).result(timeout_s=60)
+        assert shm_worker.alive()
 
 
 def _parse(env: dict[str, object]) -> object:
