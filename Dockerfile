@@ -14,6 +14,7 @@ COPY pyproject.toml README.md* ./
 COPY producers ./producers
 COPY worker ./worker
 COPY adapters ./adapters
+COPY hetbatch ./hetbatch
 
 FROM base AS cpu
 ARG TORCH_VERSION=2.13.0

@@ -21,14 +21,14 @@ $(VENV)/.dev-installed: pyproject.toml | $(PY)
 	touch $@
 
 demo: $(VENV)/.demo-installed
-	$(PY) -m worker.cli demo
+	$(PY) -m hetbatch demo
 
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed
 	$(PY) -m ruff check .
-	$(PY) -m ruff format --check producers worker adapters
+	$(PY) -m ruff format --check hetbatch producers worker adapters
 
 typecheck: $(VENV)/.dev-installed
 	$(PY) -m mypy

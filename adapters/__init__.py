@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from adapters.base import (
+from hetbatch.adapters.base import (
     Adapter,
     AdapterError,
     MissingFramework,
@@ -34,10 +34,10 @@ __all__ = [
 
 # framework -> (module:class, pip extra that installs the framework)
 ADAPTERS: dict[str, tuple[str, str]] = {
-    "sklearn": ("adapters.sklearn:SklearnAdapter", "sklearn"),
-    "onnx": ("adapters.onnx:OnnxAdapter", "onnx"),
-    "torch": ("adapters.torch:TorchAdapter", "torch"),
-    "tensorflow": ("adapters.tensorflow:TensorflowAdapter", "tensorflow"),
+    "sklearn": ("hetbatch.adapters.sklearn:SklearnAdapter", "sklearn"),
+    "onnx": ("hetbatch.adapters.onnx:OnnxAdapter", "onnx"),
+    "torch": ("hetbatch.adapters.torch:TorchAdapter", "torch"),
+    "tensorflow": ("hetbatch.adapters.tensorflow:TensorflowAdapter", "tensorflow"),
 }
 
 
@@ -55,7 +55,7 @@ def adapter_class(framework: str) -> type[Adapter]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in ("adapters",):
+        if exc.name and exc.name.startswith("hetbatch"):
             raise
         raise MissingFramework(framework, extra) from exc
     cls: type[Adapter] = getattr(module, class_name)

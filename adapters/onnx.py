@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Adapter, MissingFramework, ModelLoadError, TensorInfo
+from hetbatch.adapters.base import Adapter, MissingFramework, ModelLoadError, TensorInfo
 
 __all__ = ["OnnxAdapter"]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Adapter, ModelLoadError, TensorInfo, UnsafeArtifact
+from hetbatch.adapters.base import Adapter, ModelLoadError, TensorInfo, UnsafeArtifact
 
 __all__ = ["OUTPUT_NAMES", "SklearnAdapter"]
 

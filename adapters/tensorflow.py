@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from adapters.base import Adapter, ModelLoadError, PredictError, TensorInfo, UnsafeArtifact
+from hetbatch.adapters.base import Adapter, ModelLoadError, PredictError, TensorInfo, UnsafeArtifact
 
 __all__ = ["TensorflowAdapter"]
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters.base import Adapter, ModelLoadError, PredictError, TensorInfo
+from hetbatch.adapters.base import Adapter, ModelLoadError, PredictError, TensorInfo
 
 __all__ = ["TorchAdapter"]
 

@@ -49,7 +49,7 @@ def _build(root: Path) -> tuple[dict[str, Callable[[np.ndarray], dict[str, np.nd
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from worker.registration import write_config
+    from hetbatch.worker.modelops.registration import write_config
 
     X, y = make_classification(4000, FEATURES, n_informative=10, n_classes=3, random_state=0)
     forest = RandomForestClassifier(n_estimators=50, max_depth=10, random_state=0, n_jobs=1).fit(X, y)
@@ -83,11 +83,11 @@ def _build(root: Path) -> tuple[dict[str, Callable[[np.ndarray], dict[str, np.nd
 def run(rows: int = 100_000, repeats: int = 3, workdir: str = ".bench/ensemble") -> dict[str, Any]:
     """Measure; returns the figures (also what ``--json`` writes)."""
     from bench.setup import start_worker, stop_process
-    from producers import Client
-    from worker.ensemble import result_arrays
-    from worker.fusion import MemberOutput, fuse
-    from worker.redis_server import RedisServer
-    from worker.registration import register_path
+    from hetbatch.producers import Client
+    from hetbatch.worker.devtools.redis_server import RedisServer
+    from hetbatch.worker.ensemble import result_arrays
+    from hetbatch.worker.fusion import MemberOutput, fuse
+    from hetbatch.worker.modelops.registration import register_path
 
     root = Path(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)

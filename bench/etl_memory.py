@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
     import redis
 
-    from producers import Client
-    from worker.demo import _build_models, _start_worker, _write_parquet  # the demo's model and data
-    from worker.redis_server import RedisServer
-    from worker.registration import build_spec
+    from hetbatch.producers import Client
+    from hetbatch.worker.devtools.demo import _build_models, _start_worker, _write_parquet  # the demo's model and data
+    from hetbatch.worker.devtools.redis_server import RedisServer
+    from hetbatch.worker.modelops.registration import build_spec
 
     root = Path(args.workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         _, _, floor = _run_measured([sys.executable, "-c", _IMPORTS], env, root)
         print(f"scoring through queue onnx.cpu with {ref}; the bar below is hetbatch run's own", flush=True)
-        cmd = [sys.executable, "-m", "worker.cli", "--redis-url", server.url, "run", "--model", ref,
+        cmd = [sys.executable, "-m", "hetbatch", "--redis-url", server.url, "run", "--model", ref,
                "--input", str(data), "--output", str(root / "output.parquet"), "--keep", "id",
                "--batch-rows", str(args.batch_rows), "--in-flight", str(args.in_flight)]  # fmt: skip
         code, seconds, peak = _run_measured(cmd, env, root)

@@ -24,8 +24,8 @@ import numpy as np
 
 from bench import ray_data
 from bench.setup import FEATURES, ROOT, BenchModel, build_models, start_process, start_worker, stop_process
-from producers import Client
-from worker.redis_server import RedisServer
+from hetbatch.producers import Client
+from hetbatch.worker.devtools.redis_server import RedisServer
 
 
 def inproc_rows_s(model: BenchModel, X: np.ndarray, batch: int) -> float:
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         client = Client.from_url(server.url)
         remote = Client.from_url(server.url, shm_dir="")
         try:
-            from worker.registration import build_spec
+            from hetbatch.worker.modelops.registration import build_spec
 
             refs = {n: client.registry.register(build_spec(m.directory)).ref for n, m in models.items()}
             for name, model in models.items():

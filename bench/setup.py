@@ -50,15 +50,15 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 def start_worker(url: str, log: Path, *args: str) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "worker.cli", "worker", "--pool", "cpu", "--loglevel", "INFO", *args]
+    argv = [sys.executable, "-m", "hetbatch", "worker", "--pool", "cpu", "--loglevel", "INFO", *args]
     return start_process(argv, log, {"HETBATCH_REDIS_URL": url})
 
 
 def build_models(root: Path, names: list[str]) -> dict[str, BenchModel]:
     """Build each requested model under ``root`` (an ONNX MLP, a forest natively and as
     ONNX, a TorchScript MLP), all on FEATURES float32 inputs."""
+    from hetbatch.worker.modelops.registration import write_config
     from tests.models import onnx_mlp
-    from worker.registration import write_config
 
     out: dict[str, BenchModel] = {}
     if "onnx-mlp" in names:

@@ -16,8 +16,8 @@ from dataclasses import replace
 import numpy as np
 
 from bench.setup import ROOT, build_models, start_worker, stop_process
-from producers import Client
-from worker.redis_server import RedisServer
+from hetbatch.producers import Client
+from hetbatch.worker.devtools.redis_server import RedisServer
 
 
 def rate(client: Client, X: np.ndarray, jobs: int) -> float:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         models = build_models(work / "models", ["onnx-mlp"])
         worker = start_worker(server.url, work / "threshold-worker.log")
         try:
-            from worker.registration import build_spec
+            from hetbatch.worker.modelops.registration import build_spec
 
             with Client.from_url(server.url) as base:
                 base.registry.register(build_spec(models["onnx-mlp"].directory))

@@ -1,7 +1,7 @@
 """The hetbatch producer library: submit Arrow prediction jobs, read their results."""
 
-from producers.client import Client, Job
-from producers.errors import (
+from hetbatch.producers.client import Client, Job
+from hetbatch.producers.errors import (
     BrokerError,
     ConfigError,
     HetbatchError,
@@ -16,10 +16,10 @@ from producers.errors import (
     RemoteError,
     SchemaMismatch,
 )
-from producers.registry import ModelSpec, Registry
-from producers.schema import TensorSpec
-from producers.settings import ClientSettings
-from producers.wire import Status
+from hetbatch.producers.protocol.registry import ModelSpec, Registry
+from hetbatch.producers.protocol.schema import TensorSpec
+from hetbatch.producers.protocol.wire import Status
+from hetbatch.producers.settings import ClientSettings
 
 __all__ = [
     "BrokerError",

@@ -19,12 +19,12 @@ from typing import Any, cast
 import pyarrow as pa
 import redis.asyncio as aioredis
 
-from producers.client import Client, Job, assemble, status_of
-from producers.errors import JobTimeout
-from producers.registry import Spec
-from producers.retention import PurgeReport
-from producers.settings import ClientSettings
-from producers.wire import Status, decode_notice
+from hetbatch.producers.client import Client, Job, assemble, status_of
+from hetbatch.producers.errors import JobTimeout
+from hetbatch.producers.protocol.registry import Spec
+from hetbatch.producers.protocol.retention import PurgeReport
+from hetbatch.producers.protocol.wire import Status, decode_notice
+from hetbatch.producers.settings import ClientSettings
 
 __all__ = ["AsyncClient", "AsyncJob"]
 

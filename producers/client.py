@@ -17,10 +17,7 @@ import pyarrow as pa
 import redis
 from celery import Celery
 
-from producers import shm
-from producers.connect import connect
-from producers.ensemble import EnsembleSpec, plan_stage
-from producers.errors import (
+from hetbatch.producers.errors import (
     BrokerError,
     JobExpired,
     JobFailed,
@@ -31,13 +28,15 @@ from producers.errors import (
     RemoteError,
     SchemaMismatch,
 )
-from producers.ledger import Attempt, Ledger, task_id_of
-from producers.publish import LANE_PRIORITY, TRANSPORT_OPTIONS, celery_message, lane_list, priority_list
-from producers.registry import ModelSpec, Registry, Spec, parse_ref
-from producers.retention import PurgeReport, delete_job, purge_model
-from producers.schema import CastRule, arrays_to_table, to_arrays, to_table, unwrap_tensors
-from producers.settings import ClientSettings
-from producers.wire import (
+from hetbatch.producers.protocol import shm
+from hetbatch.producers.protocol.connect import connect
+from hetbatch.producers.protocol.ensemble import EnsembleSpec, plan_stage
+from hetbatch.producers.protocol.kombu import LANE_PRIORITY, TRANSPORT_OPTIONS, celery_message, lane_list, priority_list
+from hetbatch.producers.protocol.ledger import Attempt, Ledger, task_id_of
+from hetbatch.producers.protocol.registry import ModelSpec, Registry, Spec, parse_ref
+from hetbatch.producers.protocol.retention import PurgeReport, delete_job, purge_model
+from hetbatch.producers.protocol.schema import CastRule, arrays_to_table, to_arrays, to_table, unwrap_tensors
+from hetbatch.producers.protocol.wire import (
     CELERY_WIRE_CONFIG,
     DEVICE_KEY,
     TASK_NAME,
@@ -52,6 +51,7 @@ from producers.wire import (
     pack_header,
     queue_for,
 )
+from hetbatch.producers.settings import ClientSettings
 
 __all__ = ["Client", "Job", "Pack", "assemble", "make_producer_app", "status_of"]
 
@@ -556,7 +556,7 @@ class Client:
         file: str | None = None,
     ) -> TaskEnvelope:
         """The task of ``blob``: inline, by reference to ``key`` (queued on ``pipe``) or,
-        given a ``file`` name, in that shared-memory file (``producers.shm``) when it can
+        given a ``file`` name, in that shared-memory file (``producers.protocol.shm``) when it can
         be written there."""
         if len(blob) > self.settings.max_payload_bytes:
             raise PayloadTooLarge(len(blob), self.settings.max_payload_bytes)
@@ -688,7 +688,7 @@ class Client:
 
     def _host_queue(self, queue: str) -> str | None:
         """``queue``'s host queue while a live worker consumes it, that is one that shares
-        this client's shared-memory folder (``producers.shm``); cached like model specs."""
+        this client's shared-memory folder (``producers.protocol.shm``); cached like model specs."""
         token = shm.host_token(self.settings.shm_dir)
         if token is None:
             return None

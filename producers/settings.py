@@ -54,14 +54,14 @@ class ClientSettings:
     """Attempts to publish a task before raising BrokerError."""
     lane_max_rows: int = 0
     """Single-chunk, normal-priority jobs of up to this many rows go on the queue's lane
-    (``producers.publish.lane_list``) instead of one Celery message each: workers take
+    (``producers.protocol.kombu.lane_list``) instead of one Celery message each: workers take
     them many at a time, at a fraction of the per-message cost, while a worker that
     drains that lane is alive (its heartbeat says so). 0 turns the lane off.
     Flower shows lane batches (``hetbatch.lane``), not each job."""
 
     shm_dir: str = "/dev/shm"
     """Shared-memory folder: a job of at least ``shm_min_bytes`` goes through a file there
-    (``producers.shm``) while a worker sharing the folder consumes the model's queue; it
+    (``producers.protocol.shm``) while a worker sharing the folder consumes the model's queue; it
     skips two copies through Redis and two through sockets. "" turns it off."""
     shm_min_bytes: int = 1 << 20
     """Smallest job (bytes of its input rows in memory) sent through shared memory."""

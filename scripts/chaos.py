@@ -29,11 +29,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from producers import BrokerError, Client, ClientSettings  # noqa: E402
-from producers.ledger import LedgerKeys  # noqa: E402
+from hetbatch.producers import BrokerError, Client, ClientSettings  # noqa: E402
+from hetbatch.producers.protocol.ledger import LedgerKeys  # noqa: E402
+from hetbatch.worker.devtools.redis_server import RedisServer, free_port  # noqa: E402
 from tests.helpers import WorkerProcess, column, register  # noqa: E402
 from tests.models import sklearn_model  # noqa: E402
-from worker.redis_server import RedisServer, free_port  # noqa: E402
 
 FAST_RECOVERY = {
     "HETBATCH_VISIBILITY_TIMEOUT_S": "10",

@@ -134,7 +134,7 @@ def build_models(directory: Path, features: int, hidden: int) -> dict[str, Path]
 
 
 def register(client: Any, artifact: Path, name: str, framework: str, device: str, features: int, **extra: Any) -> str:
-    from worker.registration import build_spec, write_config
+    from hetbatch.worker.modelops.registration import build_spec, write_config
 
     # TorchScript does not record shapes: state the input; a traced Sequential calls it "input".
     torch_only = framework == "torch"
@@ -149,7 +149,7 @@ def register(client: Any, artifact: Path, name: str, framework: str, device: str
 
 def in_process(spec: Any, device: str, x: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
     """Load the registered model here on ``device``, run ``x`` in BATCH_ROWS pieces; placement and output."""
-    from adapters import adapter_class
+    from hetbatch.adapters import adapter_class
 
     adapter = adapter_class(spec.framework)(spec.artifact, options=spec.options, device=device).load()
     framework = spec.framework
@@ -291,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: {report['error']}; nothing to check on this machine (try --cpu-dry-run)", file=sys.stderr)
         return 2
 
-    from producers import Client
+    from hetbatch.producers import Client
+    from hetbatch.worker.devtools.redis_server import RedisServer
     from tests.helpers import WorkerProcess
-    from worker.redis_server import RedisServer
 
     rows = args.rows or (16_384 if args.cpu_dry_run else 131_072)
     work = Path(tempfile.mkdtemp(prefix="hetbatch-gpu-check-"))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from producers import Client
+from hetbatch.producers import Client
+from hetbatch.worker.devtools.redis_server import RedisServer
 from tests.helpers import WorkerProcess
-from worker.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-import adapters
-from adapters.sklearn import SklearnAdapter
+from hetbatch import adapters
+from hetbatch.adapters.sklearn import SklearnAdapter
 from tests.helpers import ROOT, WorkerProcess
 
 CRASH_EXIT_CODE = 137
@@ -58,8 +58,8 @@ class FaultyWorker(WorkerProcess):
 
 
 def _prefork(argv: list[str]) -> int:
-    from worker.app import make_app
-    from worker.settings import WorkerSettings
+    from hetbatch.worker.app import make_app
+    from hetbatch.worker.settings import WorkerSettings
 
     settings = WorkerSettings.from_env()
     app = make_app(settings)
@@ -86,7 +86,7 @@ def main(argv: list[str]) -> int:
     adapters.ADAPTERS["sklearn"] = ("tests.faults:FaultySklearnAdapter", "sklearn")
     if argv and argv[0] == "prefork":
         return _prefork(argv[1:])
-    from worker.cli import main as cli_main
+    from hetbatch.worker.cli import main as cli_main
 
     return cli_main(argv)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from producers import Client
-from worker.registration import build_spec
+from hetbatch.producers import Client
+from hetbatch.worker.modelops.registration import build_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ class WorkerProcess:
         full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
         self._fh = open(self.log, "wb")  # noqa: SIM115  # closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "worker", "--loglevel", "INFO", *args],
+            [sys.executable, "-m", "hetbatch", "worker", "--loglevel", "INFO", *args],
             stdout=self._fh,
             stderr=subprocess.STDOUT,
             env=full_env,

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapters import sha256_of
-from producers import Client
-from worker.registration import write_config
+from hetbatch.adapters import sha256_of
+from hetbatch.producers import Client
+from hetbatch.worker.modelops.registration import write_config
 
 __all__ = [
     "MLP",

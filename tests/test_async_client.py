@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producers import JobFailed, ModelNotFound, SchemaMismatch, Status
-from producers.aio import AsyncClient
+from hetbatch.producers import JobFailed, ModelNotFound, SchemaMismatch, Status
+from hetbatch.producers.aio import AsyncClient
 from tests.helpers import WorkerProcess, column, register
 from tests.models import Built, sklearn_model
 
@@ -22,7 +22,7 @@ def wine(work_dir: Path) -> Built:
 
 @pytest.fixture()
 def ref(redis_url: str, cpu_worker: WorkerProcess, wine: Built) -> str:
-    from producers import Client
+    from hetbatch.producers import Client
 
     with Client.from_url(redis_url) as client:
         return register(client, wine.directory)

@@ -11,12 +11,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from producers import Client, JobFailed, ModelNotFound, SchemaMismatch
-from producers.client import Job
-from producers.wire import TASK_NAME, Item, TaskEnvelope, encode_table, queue_for
+from hetbatch.producers import Client, JobFailed, ModelNotFound, SchemaMismatch
+from hetbatch.producers.client import Job
+from hetbatch.producers.protocol.wire import TASK_NAME, Item, TaskEnvelope, encode_table, queue_for
+from hetbatch.worker.modelops.registration import write_config
 from tests.helpers import WorkerProcess, column, register
 from tests.models import Built, sklearn_model
-from worker.registration import write_config
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def send_raw(client: Client, model: str, version: str, payload: bytes, rows: int
 
 
 def remote_error(client: Client, job_id: str, rows: int) -> JobFailed:
-    from producers.client import Job
+    from hetbatch.producers.client import Job
 
     with pytest.raises(JobFailed) as info:
         Job(client, job_id, "x", 1, rows).result(timeout_s=30)
@@ -192,8 +192,8 @@ def test_a_model_that_fails_to_load_gives_a_clear_error(
 def test_pickle_artifacts_need_a_pinned_hash(client: Client, work_dir: Path, iris: Built) -> None:
     import joblib
 
-    from adapters import UnsafeArtifact, sha256_of
-    from worker.registration import build_spec
+    from hetbatch.adapters import UnsafeArtifact, sha256_of
+    from hetbatch.worker.modelops.registration import build_spec
 
     directory = work_dir / "joblib"
     directory.mkdir()

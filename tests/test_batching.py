@@ -8,8 +8,8 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from adapters.base import PredictError
-from worker.batching import Batcher, BatchStats, Request, merge, split
+from hetbatch.adapters.base import PredictError
+from hetbatch.worker.batching import Batcher, BatchStats, Request, merge, split
 
 
 def double(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

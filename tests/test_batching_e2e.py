@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producers import Client, JobFailed
+from hetbatch.producers import Client, JobFailed
 from tests.helpers import WorkerProcess, batch_stats, column, register
 from tests.models import Built, sklearn_model
 
@@ -29,7 +29,7 @@ def _stats(client: Client, name: str, requests: int) -> dict[str, float]:
 def test_a_backlog_of_single_jobs_fills_batches(work_dir: Path) -> None:
     """While a slow model call runs, the tasks that arrive meanwhile share the next call:
     prefetch and thread concurrency keep enough tasks in flight for that."""
-    from worker.redis_server import RedisServer
+    from hetbatch.worker.devtools.redis_server import RedisServer
 
     slow = sklearn_model(work_dir / "slow-forest", "slow-forest", "iris", trees=300)
     with RedisServer() as server, Client.from_url(server.url) as client:

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producers.registry import Registry
-from producers.wire import Keys
+from hetbatch.producers.protocol.registry import Registry
+from hetbatch.producers.protocol.wire import Keys
+from hetbatch.worker.modelops.registration import build_spec
+from hetbatch.worker.models import ModelCache
+from hetbatch.worker.settings import WorkerSettings
 from tests.models import onnx_from_sklearn, onnx_mlp, sklearn_model
-from worker.models import ModelCache
-from worker.registration import build_spec
-from worker.settings import WorkerSettings
 
 multicore = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to calibrate")
 
@@ -78,7 +78,7 @@ def test_a_probe_the_model_rejects_keeps_one_every_core_call(tmp_path: Path) -> 
     directory = tmp_path / "embed"
     directory.mkdir()
     onnx.save(model, directory / "model.onnx")
-    from worker.registration import write_config
+    from hetbatch.worker.modelops.registration import write_config
 
     write_config(directory, name="embed", framework="onnx", artifact="model.onnx")
     cache, loaded = _load(tmp_path, directory)

@@ -21,11 +21,11 @@ import pytest
 import redis
 import yaml
 
-from producers.settings import ClientSettings
+from hetbatch.producers.settings import ClientSettings
+from hetbatch.worker.cli import build_parser
+from hetbatch.worker.devtools.redis_server import RedisServer, free_port
+from hetbatch.worker.settings import WorkerSettings
 from tests.helpers import ROOT
-from worker.cli import build_parser
-from worker.redis_server import RedisServer, free_port
-from worker.settings import WorkerSettings
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
@@ -162,7 +162,7 @@ def test_worker_cpu_and_the_demo_run_as_composed_against_a_password_redis(tmp_pa
         argv = [str(a) for a in SERVICES["worker-cpu"]["command"]]
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "worker.cli", *argv[1:]],
+                [sys.executable, "-m", "hetbatch", *argv[1:]],
                 env=worker_env,
                 cwd=tmp_path,
                 stdout=log.open("wb"),
@@ -178,7 +178,7 @@ def test_worker_cpu_and_the_demo_run_as_composed_against_a_password_redis(tmp_pa
         demo = SERVICES["demo"]
         assert demo["working_dir"] == "/models"  # the shared volume: artifacts registered there are seen by workers
         done = subprocess.run(
-            [sys.executable, "-m", "worker.cli", *[str(a) for a in demo["command"][1:]]],
+            [sys.executable, "-m", "hetbatch", *[str(a) for a in demo["command"][1:]]],
             env=service_env("demo"),
             cwd=tmp_path,
             capture_output=True,

@@ -14,22 +14,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from adapters import UnsafeArtifact, sha256_of
-from adapters.parity import ParityError
-from producers import Client
-from producers.registry import ModelSpec
-from producers.schema import TensorSpec, to_table
+from hetbatch.adapters import UnsafeArtifact, sha256_of
+from hetbatch.adapters.offline.parity import ParityError
+from hetbatch.producers import Client
+from hetbatch.producers.protocol.registry import ModelSpec
+from hetbatch.producers.protocol.schema import TensorSpec, to_table
+from hetbatch.worker.cli import main
+from hetbatch.worker.modelops.adapt import convert_model, optimize_model, quantize_model
+from hetbatch.worker.modelops.registration import write_config
 from tests.helpers import WorkerProcess, column, register
 from tests.models import Built, sklearn_model
-from worker.adapt import convert_model, optimize_model, quantize_model
-from worker.cli import main
-from worker.registration import write_config
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    """The parity report's relative error (see adapters.parity)."""
+    """The parity report's relative error (see adapters.offline.parity)."""
     expected = np.asarray(expected, dtype=np.float64)
     floor = max(1e-3 * float(np.abs(expected).max()), np.finfo(np.float64).tiny)
     return float((np.abs(np.asarray(actual, np.float64) - expected) / np.maximum(np.abs(expected), floor)).max())

@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from producers import Client, ConfigError, JobFailed
-from producers.ensemble import EnsembleSpec
+from hetbatch.producers import Client, ConfigError, JobFailed
+from hetbatch.producers.protocol.ensemble import EnsembleSpec
+from hetbatch.worker.devtools.redis_server import RedisServer
+from hetbatch.worker.fusion import MemberOutput, fuse
+from hetbatch.worker.modelops.registration import register_path, write_config
 from tests.helpers import WorkerProcess, column, register
 from tests.models import Built, onnx_from_sklearn, sklearn_model
-from worker.fusion import MemberOutput, fuse
-from worker.redis_server import RedisServer
-from worker.registration import register_path, write_config
 
 TIMEOUT_S = 120
 
@@ -275,7 +275,7 @@ def test_evaluate_records_the_best_member_and_select_runs_it(
     import pyarrow.parquet as pq
     from sklearn.tree import DecisionTreeClassifier
 
-    from worker.cli import main
+    from hetbatch.worker.cli import main
 
     stump = DecisionTreeClassifier(max_depth=1, random_state=0).fit(zoo.forest.X, zoo.y)
     register(client, skops_dir(work_dir / "e-stump", "ens-stump", stump))
@@ -336,7 +336,7 @@ def test_bad_ensemble_configs_are_refused_at_registration(
 ) -> None:
     from sklearn.linear_model import LinearRegression
 
-    from worker.cli import main
+    from hetbatch.worker.cli import main
 
     register(client, skops_dir(work_dir / "e-reg", "ens-regressor", LinearRegression().fit(zoo.forest.X, zoo.y * 1.0)))
     bad = work_dir / "bad"

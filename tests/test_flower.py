@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from producers import Client
-from producers.schema import to_table
-from producers.wire import encode_table
+from hetbatch.producers import Client
+from hetbatch.producers.protocol.schema import to_table
+from hetbatch.producers.protocol.wire import encode_table
+from hetbatch.worker.devtools.redis_server import free_port
 from tests.helpers import ROOT, WorkerProcess, column, register
 from tests.models import Built, sklearn_model
-from worker.redis_server import free_port
 
 USER, PASSWORD = "operator", "flower-test-pw"
 WORKER = "flower-test@localhost"
@@ -39,7 +39,7 @@ def start_flower(redis_url: str, log: Path, *args: str, **env: str) -> tuple[sub
     port = free_port()
     full_env = dict(os.environ, HETBATCH_REDIS_URL=redis_url, PYTHONUNBUFFERED="1", **env)
     full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "worker.cli", "flower", "--port", str(port), "--address", "127.0.0.1", *args]
+    cmd = [sys.executable, "-m", "hetbatch", "flower", "--port", str(port), "--address", "127.0.0.1", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while True:
@@ -171,7 +171,7 @@ def test_flower_refuses_requests_without_the_right_credentials(flower: int) -> N
 def test_hetbatch_flower_refuses_to_start_without_credentials(private_redis: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HETBATCH_FLOWER_", "FLOWER_"))}
     done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "--redis-url", private_redis, "flower", "--port", str(free_port())],
+        [sys.executable, "-m", "hetbatch", "--redis-url", private_redis, "flower", "--port", str(free_port())],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producers.ensemble import Continuation, EnsembleSpec, Member, route_rows
-from producers.errors import ConfigError, PayloadError
-from producers.schema import TensorSpec, arrays_to_table
-from producers.wire import TaskEnvelope
-from worker.ensemble import result_arrays
-from worker.fusion import MemberOutput, align, fuse, strategy
+from hetbatch.producers.errors import ConfigError, PayloadError
+from hetbatch.producers.protocol.ensemble import Continuation, EnsembleSpec, Member, route_rows
+from hetbatch.producers.protocol.schema import TensorSpec, arrays_to_table
+from hetbatch.producers.protocol.wire import TaskEnvelope
+from hetbatch.worker.ensemble import result_arrays
+from hetbatch.worker.fusion import MemberOutput, align, fuse, strategy
 
 
 def member(name: str, values: np.ndarray, use: str = "out", weight: float = 1.0, **kw: object) -> MemberOutput:

@@ -30,15 +30,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producers import Client, ClientSettings, HetbatchError, PayloadError, PayloadTooLarge
-from producers.client import make_producer_app
-from producers.ipc import _Flat
-from producers.schema import TensorSpec, table_to_arrays
-from producers.wire import TASK_NAME, Item, TaskEnvelope, decode_notice, decode_result, decode_table
-from producers.wire import encode_table as _encode_table
+from hetbatch.producers import Client, ClientSettings, HetbatchError, PayloadError, PayloadTooLarge
+from hetbatch.producers.client import make_producer_app
+from hetbatch.producers.protocol.ipc import _Flat
+from hetbatch.producers.protocol.schema import TensorSpec, table_to_arrays
+from hetbatch.producers.protocol.wire import TASK_NAME, Item, TaskEnvelope, decode_notice, decode_result, decode_table
+from hetbatch.producers.protocol.wire import encode_table as _encode_table
+from hetbatch.worker.devtools.redis_server import RedisServer
 from tests.helpers import WorkerProcess, column, register
 from tests.models import Built, sklearn_model
-from worker.redis_server import RedisServer
 
 INPUTS = (TensorSpec("X", "float64", (4,)),)
 MAX_PAYLOAD = 256 * 1024  # the fuzz worker's max_payload_bytes

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from producers import Client, JobFailed, Status
-from producers.wire import DEVICE_KEY, Keys
+from hetbatch.producers import Client, JobFailed, Status
+from hetbatch.producers.protocol.wire import DEVICE_KEY, Keys
+from hetbatch.worker.modelops.registration import build_spec
+from hetbatch.worker.pool import pool_env
 from tests.helpers import ROOT, WorkerProcess, column
 from tests.models_dl import DLBuilt, torch_mlp
-from worker.pool import pool_env
-from worker.registration import build_spec
 
 
 @pytest.fixture(scope="module")

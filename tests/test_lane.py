@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 import redis
 
-from producers import Client, JobFailed, Status
-from producers.ledger import LedgerKeys
-from producers.publish import lane_list, priority_list
-from producers.retention import queue_keys
-from producers.wire import Keys
+from hetbatch.producers import Client, JobFailed, Status
+from hetbatch.producers.protocol.kombu import lane_list, priority_list
+from hetbatch.producers.protocol.ledger import LedgerKeys
+from hetbatch.producers.protocol.retention import queue_keys
+from hetbatch.producers.protocol.wire import Keys
+from hetbatch.worker.devtools.redis_server import RedisServer
+from hetbatch.worker.lane import held_index, held_key
+from hetbatch.worker.ops.reconciler import Reconciler
+from hetbatch.worker.ops.status import queue_depths
 from tests.faults import FaultyWorker
 from tests.helpers import FAST_RECOVERY, ROOT, WorkerProcess, column, register
 from tests.models import Built, sklearn_model
-from worker.lane import held_index, held_key
-from worker.reconciler import Reconciler
-from worker.redis_server import RedisServer
-from worker.status import queue_depths
 
 QUEUE = "sklearn.cpu"
 

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from producers import Client, ClientSettings, JobFailed, PayloadTooLarge
+from hetbatch.producers import Client, ClientSettings, JobFailed, PayloadTooLarge
+from hetbatch.worker.devtools.redis_server import free_port
 from tests.helpers import ROOT, WorkerProcess, batch_stats, column, register
 from tests.models import Built, sklearn_model
-from worker.redis_server import free_port
 
 WORKER_MAX_PAYLOAD_BYTES = 20_000
 SIZES = (10, 40, 150)
@@ -148,7 +148,7 @@ def test_the_client_refuses_a_payload_over_its_limit(private_redis: str, ran: di
 
 def test_status_lists_queues_workers_pools_and_loaded_models(private_redis: str, ran: dict[str, Any]) -> None:
     def status(*args: str) -> str:
-        cmd = [sys.executable, "-m", "worker.cli", "--redis-url", private_redis, "status", *args]
+        cmd = [sys.executable, "-m", "hetbatch", "--redis-url", private_redis, "status", *args]
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
 
     deadline = time.monotonic() + 30

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import producers
+from hetbatch import producers
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import redis
 
-from producers import Client, JobFailed, Status
-from producers.aio import AsyncClient
+from hetbatch.producers import Client, JobFailed, Status
+from hetbatch.producers.aio import AsyncClient
 from tests.helpers import WorkerProcess, column, register
 from tests.models import Built, sklearn_model
 
@@ -120,9 +120,9 @@ def test_a_pack_result_lists_its_jobs_in_order_around_an_empty_one() -> None:
     must still get its own rows or its own error."""
     import pyarrow as pa
 
-    from producers.errors import RemoteError
-    from producers.wire import Item, TaskEnvelope, decode_pack_result
-    from worker.results import Done, outcomes_of
+    from hetbatch.producers.errors import RemoteError
+    from hetbatch.producers.protocol.wire import Item, TaskEnvelope, decode_pack_result
+    from hetbatch.worker.results import Done, outcomes_of
 
     a, empty, c = Item("p-0", 0, 2), Item("p-1", 0, 0), Item("p-2", 0, 1)
     env = TaskEnvelope(model="m", version="1", items=(a, empty, c), payload_b64="", pack="p")
@@ -137,9 +137,9 @@ def test_a_pack_result_lists_its_jobs_in_order_around_an_empty_one() -> None:
 
 def test_purge_counts_every_job_of_a_queued_pack(private_redis: str) -> None:
     """A pack's envelope lists its sizes, not its job ids: purge still finds every job."""
-    from producers.publish import celery_message
-    from producers.retention import purge_model
-    from producers.wire import TASK_NAME, Item, Keys, TaskEnvelope
+    from hetbatch.producers.protocol.kombu import celery_message
+    from hetbatch.producers.protocol.retention import purge_model
+    from hetbatch.producers.protocol.wire import TASK_NAME, Item, Keys, TaskEnvelope
 
     items = tuple(Item(f"purge-pack-{i}", 0, 2) for i in range(7))
     env = TaskEnvelope("purge-me", "1", items, payload_key="hb:in:purge-pack:0", pack="purge-pack")

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import redis
 
-from producers import Client, ClientSettings, JobExpired, Status
-from producers.wire import decode_notice
+from hetbatch.producers import Client, ClientSettings, JobExpired, Status
+from hetbatch.producers.protocol.wire import decode_notice
 from tests.helpers import ROOT, WorkerProcess, batch_stats, column, register
 from tests.models import Built, sklearn_model
 
@@ -37,7 +37,7 @@ def models(work_dir: Path) -> dict[str, Built]:
 
 
 def status_json(url: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "worker.cli", "--redis-url", url, "status", "--json", "--ping-timeout-s", "0"]
+    cmd = [sys.executable, "-m", "hetbatch", "--redis-url", url, "status", "--json", "--ping-timeout-s", "0"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
     return dict(json.loads(out))
 

@@ -6,9 +6,9 @@ import json
 
 import redis
 
-from producers.client import make_producer_app
-from producers.publish import celery_message, priority_list
-from producers.wire import TASK_NAME
+from hetbatch.producers.client import make_producer_app
+from hetbatch.producers.protocol.kombu import celery_message, priority_list
+from hetbatch.producers.protocol.wire import TASK_NAME
 
 
 def _frames(url: str, key: str) -> list[dict[str, object]]:

@@ -21,16 +21,16 @@ import psutil
 import pytest
 import redis
 
-from producers import BrokerError, Client, ClientSettings, JobFailed, JobLost, Status
-from producers.ledger import LedgerKeys, task_id_of
-from producers.registry import ModelSpec
-from producers.schema import TensorSpec
-from producers.wire import TaskEnvelope
+from hetbatch.producers import BrokerError, Client, ClientSettings, JobFailed, JobLost, Status
+from hetbatch.producers.protocol.ledger import LedgerKeys, task_id_of
+from hetbatch.producers.protocol.registry import ModelSpec
+from hetbatch.producers.protocol.schema import TensorSpec
+from hetbatch.producers.protocol.wire import TaskEnvelope
+from hetbatch.worker.devtools.redis_server import RedisServer
+from hetbatch.worker.ops.dlq import DeadLetters
 from tests.faults import FaultyWorker
 from tests.helpers import FAST_RECOVERY, ROOT, WorkerProcess, column, register
 from tests.models import Built, sklearn_model
-from worker.dlq import DeadLetters
-from worker.redis_server import RedisServer
 
 FAST = {**FAST_RECOVERY, "HETBATCH_CONCURRENCY": "4"}
 
@@ -52,7 +52,7 @@ def _model(work: Path, name: str, **options: float) -> Built:
 def _cli(url: str, *args: str) -> str:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "--redis-url", url, *args],
+        [sys.executable, "-m", "hetbatch", "--redis-url", url, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -274,9 +274,9 @@ def test_task_id_is_the_first_items_job_and_chunk() -> None:
 
 def test_batch_stats_survive_a_redis_outage() -> None:
     """Stats are written on the batcher thread: an outage must not kill it (found by chaos)."""
-    from worker.batching import BatchStats
-    from worker.runtime import Runtime
-    from worker.settings import WorkerSettings
+    from hetbatch.worker.batching import BatchStats
+    from hetbatch.worker.runtime import Runtime
+    from hetbatch.worker.settings import WorkerSettings
 
     server = RedisServer()
     runtime = Runtime(WorkerSettings(redis_url=server.url))

@@ -7,8 +7,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from producers.errors import SchemaMismatch
-from producers.schema import TensorSpec, arrays_to_table, table_to_arrays, to_table, unwrap_tensors
+from hetbatch.producers.errors import SchemaMismatch
+from hetbatch.producers.protocol.schema import TensorSpec, arrays_to_table, table_to_arrays, to_table, unwrap_tensors
 
 X = TensorSpec("x", "float32", (2, 3))
 

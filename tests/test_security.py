@@ -25,15 +25,15 @@ import pytest
 import redis
 from celery import Celery
 
-from adapters import sha256_of
-from producers import BrokerError, Client, JobFailed
-from producers.registry import ModelSpec
-from producers.schema import TensorSpec
-from producers.wire import CELERY_WIRE_CONFIG, TASK_NAME
+from hetbatch.adapters import sha256_of
+from hetbatch.producers import BrokerError, Client, JobFailed
+from hetbatch.producers.protocol.registry import ModelSpec
+from hetbatch.producers.protocol.schema import TensorSpec
+from hetbatch.producers.protocol.wire import CELERY_WIRE_CONFIG, TASK_NAME
+from hetbatch.worker.devtools.redis_server import RedisServer, find_redis_server, free_port
+from hetbatch.worker.modelops.registration import write_config
 from tests.helpers import ROOT, WorkerProcess, column, register
 from tests.models import Built, sklearn_model
-from worker.redis_server import RedisServer, find_redis_server, free_port
-from worker.registration import write_config
 
 ADMIN_PASSWORD = "admin-s3cret"
 USER, USER_PASSWORD = "hetbatch", "hb-s3cret"
@@ -100,7 +100,7 @@ def test_the_acl_user_runs_jobs_but_nothing_else(secured: tuple[RedisServer, str
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         for args in (["reconcile", "--once", "--overdue-s", "0"], ["dlq", "list"], ["dlq", "purge"]):
             done = subprocess.run(
-                [sys.executable, "-m", "worker.cli", "--redis-url", url, *args],
+                [sys.executable, "-m", "hetbatch", "--redis-url", url, *args],
                 capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
             )  # fmt: skip
             assert done.returncode == 0, done.stderr
@@ -148,8 +148,8 @@ def test_a_pickled_task_message_is_refused_and_the_worker_stays_up(
 def test_nothing_unpickles_wire_data() -> None:
     assert CELERY_WIRE_CONFIG["accept_content"] == ["json"]
     assert CELERY_WIRE_CONFIG["task_serializer"] == "json"
-    from worker.app import make_app
-    from worker.settings import WorkerSettings
+    from hetbatch.worker.app import make_app
+    from hetbatch.worker.settings import WorkerSettings
 
     assert make_app(WorkerSettings()).conf.accept_content == ["json"]
     forbidden = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "marshal", "shelve", "joblib"}
@@ -197,8 +197,8 @@ def _evil_joblib(path: Path, marker: Path) -> None:
 def test_pickle_artifacts_are_refused_unless_pinned(secured: tuple[RedisServer, str, WorkerProcess, Path]) -> None:
     import joblib
 
-    from adapters import UnsafeArtifact
-    from worker.registration import build_spec
+    from hetbatch.adapters import UnsafeArtifact
+    from hetbatch.worker.modelops.registration import build_spec
 
     _server, url, _worker, work = secured
     marker = work / "pwned-artifact"

@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producers import Client, JobFailed, shm
-from producers.errors import JobLost, PayloadError
-from producers.ledger import LedgerKeys
-from producers.publish import celery_message, priority_list
-from producers.wire import FUSION_QUEUE, Keys
+from hetbatch.producers import Client, JobFailed, shm
+from hetbatch.producers.errors import JobLost, PayloadError
+from hetbatch.producers.protocol.kombu import celery_message, priority_list
+from hetbatch.producers.protocol.ledger import LedgerKeys
+from hetbatch.producers.protocol.wire import FUSION_QUEUE, Keys
+from hetbatch.worker.devtools.redis_server import RedisServer
+from hetbatch.worker.settings import WorkerSettings
 from tests.faults import FaultyWorker
 from tests.helpers import FAST_RECOVERY, WorkerProcess, column, register
 from tests.models import Built, sklearn_model
-from worker.redis_server import RedisServer
-from worker.settings import WorkerSettings
 
 QUEUE = "sklearn.cpu"
 
@@ -152,7 +152,7 @@ def test_a_hostile_or_missing_payload_file_fails_its_job_alone(
 
 
 def _parse(env: dict[str, object]) -> object:
-    from producers.wire import TaskEnvelope
+    from hetbatch.producers.protocol.wire import TaskEnvelope
 
     return TaskEnvelope.from_dict(env)
 

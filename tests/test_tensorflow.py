@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters import UnsafeArtifact
-from producers import Client, JobFailed, SchemaMismatch
-from producers.schema import TensorSpec, arrays_to_table
-from producers.wire import DEVICE_KEY
+from hetbatch.adapters import UnsafeArtifact
+from hetbatch.producers import Client, JobFailed, SchemaMismatch
+from hetbatch.producers.protocol.schema import TensorSpec, arrays_to_table
+from hetbatch.producers.protocol.wire import DEVICE_KEY
+from hetbatch.worker.modelops.registration import build_spec, write_config
 from tests.helpers import WorkerProcess, column, register
 from tests.models_dl import DLBuilt, keras_two_inputs, submit_unchecked, torch_mlp
-from worker.registration import build_spec, write_config
 
 ATOL = 1e-5
 

@@ -10,15 +10,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from adapters import ModelLoadError, UnsafeArtifact
-from adapters.torch import TorchAdapter
-from producers import Client, JobFailed, SchemaMismatch
-from producers.errors import ConfigError
-from producers.schema import TensorSpec, arrays_to_table, table_to_arrays
-from producers.wire import DEVICE_KEY, decode_table, encode_table
+from hetbatch.adapters import ModelLoadError, UnsafeArtifact
+from hetbatch.adapters.torch import TorchAdapter
+from hetbatch.producers import Client, JobFailed, SchemaMismatch
+from hetbatch.producers.errors import ConfigError
+from hetbatch.producers.protocol.schema import TensorSpec, arrays_to_table, table_to_arrays
+from hetbatch.producers.protocol.wire import DEVICE_KEY, decode_table, encode_table
+from hetbatch.worker.modelops.registration import build_spec
 from tests.helpers import WorkerProcess, column, register
 from tests.models_dl import DLBuilt, onnx_from_torch, submit_unchecked, torch_cnn, torch_mlp
-from worker.registration import build_spec
 
 ATOL = 1e-5
 

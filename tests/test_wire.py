@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from producers.errors import PayloadError, PayloadTooLarge, RemoteError
-from producers.wire import (
+from hetbatch.producers.errors import PayloadError, PayloadTooLarge, RemoteError
+from hetbatch.producers.protocol.wire import (
     Item,
     Notice,
     TaskEnvelope,

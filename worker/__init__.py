@@ -1,5 +1,5 @@
 """The hetbatch worker: Celery app, queues and routing, batching, model cache."""
 
-from worker.settings import WorkerSettings
+from hetbatch.worker.settings import WorkerSettings
 
 __all__ = ["WorkerSettings"]

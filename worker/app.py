@@ -13,14 +13,14 @@ from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutdown
 from kombu import Exchange, Queue
 
-from producers.publish import TRANSPORT_OPTIONS
-from producers.wire import CELERY_WIRE_CONFIG, FUSE_TASK_NAME, TASK_NAME
-from worker.ensemble import EnsembleRunner
-from worker.lane import Lane, drains_lane
-from worker.runtime import Runtime
-from worker.settings import WorkerSettings
-from worker.transport import reuse_redis_clients
-from worker.watchdog import Watchdog
+from hetbatch.producers.protocol.kombu import TRANSPORT_OPTIONS
+from hetbatch.producers.protocol.wire import CELERY_WIRE_CONFIG, FUSE_TASK_NAME, TASK_NAME
+from hetbatch.worker.ensemble import EnsembleRunner
+from hetbatch.worker.lane import Lane, drains_lane
+from hetbatch.worker.runtime import Runtime
+from hetbatch.worker.settings import WorkerSettings
+from hetbatch.worker.transport import reuse_redis_clients
+from hetbatch.worker.watchdog import Watchdog
 
 __all__ = ["make_app"]
 

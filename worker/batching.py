@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from adapters.base import PredictError
+from hetbatch.adapters.base import PredictError
 
 __all__ = ["Arrays", "Arrivals", "BatchStats", "Batcher", "Request", "is_oom", "merge", "split"]
 

@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import redis
 
-from producers.ensemble import (
+from hetbatch.producers.errors import JobExpired, JobLost, PayloadError, RemoteError
+from hetbatch.producers.protocol.ensemble import (
     Continuation,
     EnsembleSpec,
     MemberFailed,
@@ -34,10 +35,9 @@ from producers.ensemble import (
     route_rows,
     stage_input_key,
 )
-from producers.errors import JobExpired, JobLost, PayloadError, RemoteError
-from producers.registry import parse_ref
-from producers.schema import arrays_to_table, to_table
-from producers.wire import (
+from hetbatch.producers.protocol.registry import parse_ref
+from hetbatch.producers.protocol.schema import arrays_to_table, to_table
+from hetbatch.producers.protocol.wire import (
     FUSE_TASK_NAME,
     FUSION_QUEUE,
     TASK_NAME,
@@ -47,9 +47,9 @@ from producers.wire import (
     encode_error,
     encode_result,
 )
-from worker.fusion import MemberOutput, fuse
-from worker.results import Outcome
-from worker.runtime import Runtime
+from hetbatch.worker.fusion import MemberOutput, fuse
+from hetbatch.worker.results import Outcome
+from hetbatch.worker.runtime import Runtime
 
 __all__ = ["EnsembleRunner", "Send", "result_arrays"]
 

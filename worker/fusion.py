@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from producers.errors import ConfigError
+from hetbatch.producers.errors import ConfigError
 
 __all__ = [
     "STRATEGIES",

@@ -1,7 +1,7 @@
 """The lane: small jobs drained from Redis many at a time, without Celery's per-message cost.
 
 A producer with ``lane_max_rows`` set pushes a small job's bare envelope onto its
-queue's lane list (``producers.publish.lane_list``). One thread per worker pops up to
+queue's lane list (``producers.protocol.kombu.lane_list``). One thread per worker pops up to
 ``lane_batch`` envelopes at once (BLMPOP, oldest first), records them in a *held* list
 of this worker that expires after ``visibility_timeout_s`` unless renewed, and hands
 them to ``Runtime.handle_many``: one ledger round trip, one batched model request per
@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from producers.connect import connect
-from producers.publish import lane_list
-from worker.settings import WorkerSettings
+from hetbatch.producers.protocol.connect import connect
+from hetbatch.producers.protocol.kombu import lane_list
+from hetbatch.worker.settings import WorkerSettings
 
 if TYPE_CHECKING:  # the reconciler imports this module without the model stack
-    from worker.runtime import Runtime
+    from hetbatch.worker.runtime import Runtime
 
 __all__ = ["LANE_TASK", "Lane", "drains_lane", "held_index", "held_key"]
 

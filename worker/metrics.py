@@ -18,12 +18,12 @@ from typing import Any
 
 import redis
 
-from producers.errors import ConfigError
-from worker.batching import BatchStats
-from worker.models import LoadedModel
-from worker.results import Done
-from worker.settings import WorkerSettings
-from worker.status import queue_depths
+from hetbatch.producers.errors import ConfigError
+from hetbatch.worker.batching import BatchStats
+from hetbatch.worker.models import LoadedModel
+from hetbatch.worker.ops.status import queue_depths
+from hetbatch.worker.results import Done
+from hetbatch.worker.settings import WorkerSettings
 
 __all__ = ["BATCH_ROWS_BUCKETS", "WorkerMetrics"]
 

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adapters import Adapter, ModelLoadError, adapter_class
-from adapters.base import TensorInfo
-from adapters.onnx import couples_rows
-from adapters.parity import sample_inputs
-from producers.registry import ModelSpec, Registry
-from worker.batching import Arrivals, Batcher, BatchStats
-from worker.settings import WorkerSettings
+from hetbatch.adapters import Adapter, ModelLoadError, adapter_class
+from hetbatch.adapters.base import TensorInfo
+from hetbatch.adapters.offline.parity import sample_inputs
+from hetbatch.adapters.onnx import couples_rows
+from hetbatch.producers.protocol.registry import ModelSpec, Registry
+from hetbatch.worker.batching import Arrivals, Batcher, BatchStats
+from hetbatch.worker.settings import WorkerSettings
 
 __all__ = ["LoadedModel", "ModelCache"]
 

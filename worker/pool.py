@@ -4,7 +4,7 @@ CUDA reads ``CUDA_VISIBLE_DEVICES`` once, when a framework first touches the dri
 and a CUDA context does not survive ``fork``: so each GPU gets its own freshly
 exec'd worker process with the variable set before any framework is imported, and a
 cpu pool hides every GPU. (Liveness per queue is part of the worker heartbeat in
-``worker.status``.)
+``worker.ops.status``.)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def spawn_gpu_workers(gpus: Sequence[str], worker_args: Sequence[str]) -> int:
     """
     procs: list[subprocess.Popen[bytes]] = []
     for gpu in gpus:
-        argv = [sys.executable, "-m", "worker.cli", "worker", "--pool", "gpu", "--gpus", gpu, *worker_args]
+        argv = [sys.executable, "-m", "hetbatch", "worker", "--pool", "gpu", "--gpus", gpu, *worker_args]
         env = dict(os.environ, **pool_env("gpu", gpu))
         procs.append(subprocess.Popen(argv, env=env, start_new_session=True))
         print(f"hetbatch: started gpu worker pid {procs[-1].pid} with CUDA_VISIBLE_DEVICES={gpu}", file=sys.stderr)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 import redis
 
-from producers.errors import PayloadError, RemoteError
-from producers.ledger import LedgerKeys
-from producers.wire import (
+from hetbatch.producers.errors import PayloadError, RemoteError
+from hetbatch.producers.protocol.ledger import LedgerKeys
+from hetbatch.producers.protocol.wire import (
     Item,
     Keys,
     Notice,

@@ -22,20 +22,20 @@ import numpy as np
 import pyarrow as pa
 import redis
 
-from producers import shm
-from producers.connect import connect
-from producers.errors import HetbatchError, JobExpired, JobLost, PayloadError, RemoteError, SchemaMismatch
-from producers.ledger import Ledger, Start, task_id_of
-from producers.registry import ModelSpec, Registry
-from producers.schema import arrays_to_table, table_to_arrays
-from producers.wire import DEVICE_KEY, Item, Keys, TaskEnvelope, decode_table
-from worker import status as _status  # noqa: F401  (connects the heartbeat to worker start)
-from worker.batching import Arrays, Arrivals, Batcher, BatchStats
-from worker.dlq import DeadLetters
-from worker.metrics import WorkerMetrics
-from worker.models import LoadedModel, ModelCache
-from worker.results import Done, ResultWriter, outcomes_of
-from worker.settings import WorkerSettings
+from hetbatch.producers.errors import HetbatchError, JobExpired, JobLost, PayloadError, RemoteError, SchemaMismatch
+from hetbatch.producers.protocol import shm
+from hetbatch.producers.protocol.connect import connect
+from hetbatch.producers.protocol.ledger import Ledger, Start, task_id_of
+from hetbatch.producers.protocol.registry import ModelSpec, Registry
+from hetbatch.producers.protocol.schema import arrays_to_table, table_to_arrays
+from hetbatch.producers.protocol.wire import DEVICE_KEY, Item, Keys, TaskEnvelope, decode_table
+from hetbatch.worker.batching import Arrays, Arrivals, Batcher, BatchStats
+from hetbatch.worker.metrics import WorkerMetrics
+from hetbatch.worker.models import LoadedModel, ModelCache
+from hetbatch.worker.ops import status as _status  # noqa: F401  (connects the heartbeat to worker start)
+from hetbatch.worker.ops.dlq import DeadLetters
+from hetbatch.worker.results import Done, ResultWriter, outcomes_of
+from hetbatch.worker.settings import WorkerSettings
 
 __all__ = ["Runtime"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from producers.settings import DEFAULT_REDIS_URL, env_overrides
-from producers.shm import HOST_SEP, host_queue, host_token
-from producers.wire import FRAMEWORKS, FUSION_QUEUE, queue_for
+from hetbatch.producers.protocol.shm import HOST_SEP, host_queue, host_token
+from hetbatch.producers.protocol.wire import FRAMEWORKS, FUSION_QUEUE, queue_for
+from hetbatch.producers.settings import DEFAULT_REDIS_URL, env_overrides
 
 __all__ = ["WorkerSettings"]
 
@@ -88,7 +88,7 @@ class WorkerSettings:
     """Age of a published task after which the reconciler checks that a queue still holds it."""
 
     shm_dir: str = "/dev/shm"
-    """Shared-memory folder for big payloads from producers on this host (``producers.shm``):
+    """Shared-memory folder for big payloads from producers on this host (``producers.protocol.shm``):
     the worker also consumes its queues' host queues. "" turns it off."""
     shm_ttl_s: int = 86_400
     """Payload files older than this are deleted (as Redis expires an unclaimed input)."""

@@ -10,7 +10,7 @@ interval. A message is not refreshed past ``max_hold_s``, so a request the worke
 forgot about cannot be held forever.
 
 Leader: every worker tries to take a Redis lock with a TTL; the holder runs the
-reconciler (``worker.reconciler``) every ``reconcile_interval_s``.
+reconciler (``worker.ops.reconciler``) every ``reconcile_interval_s``.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any, cast
 
 import redis
 
-from producers.ledger import LedgerKeys
-from producers.wire import Keys
-from worker.reconciler import LeaderLock, Reconciler, Republisher
-from worker.settings import WorkerSettings
+from hetbatch.producers.protocol.ledger import LedgerKeys
+from hetbatch.producers.protocol.wire import Keys
+from hetbatch.worker.ops.reconciler import LeaderLock, Reconciler, Republisher
+from hetbatch.worker.settings import WorkerSettings
 
 __all__ = ["Watchdog", "held_delivery_tags"]
 

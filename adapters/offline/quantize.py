@@ -20,9 +20,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from adapters.base import AdapterError, MissingFramework
-from adapters.parity import ParityError, ParityReport, Predictor, Tolerance, parity
-from adapters.sources import onnx_predictor
+from hetbatch.adapters.base import AdapterError, MissingFramework
+from hetbatch.adapters.loader import onnx_predictor
+from hetbatch.adapters.offline.parity import ParityError, ParityReport, Predictor, Tolerance, parity
 
 __all__ = ["BATCH_SIZES", "CompressionReport", "Throughput", "optimize", "profile", "quantize"]
 
@@ -284,6 +284,6 @@ def _quiet_root_logger() -> Iterator[None]:
 
 
 def _device_predictor(path: Path, device: str, threads: int) -> Predictor:
-    from adapters.onnx import OnnxAdapter
+    from hetbatch.adapters.onnx import OnnxAdapter
 
     return OnnxAdapter(path, options={"threads": threads}, device=device).load().predict

@@ -5,7 +5,7 @@ visibility timeout (``worker.lease`` keeps a live worker's messages from being
 redelivered). What it cannot redeliver is a message that is *nowhere*: lost between
 the pop and the unacked record, lost with a Redis that restarted without
 persistence, or acked after a failure. The reconciler walks the ledger
-(``producers.ledger``) and, for every task older than ``overdue_s``:
+(``producers.protocol.ledger``) and, for every task older than ``overdue_s``:
 
 - with a result for every item: done, dropped from the ledger;
 - present in a queue list or the unacked hash: looked at again ``overdue_s`` later;
@@ -28,12 +28,12 @@ from typing import Any, cast
 
 import redis
 
-from producers.errors import PayloadError
-from producers.ledger import LedgerKeys, task_id_of
-from producers.publish import lane_list
-from producers.wire import TASK_NAME, Keys, TaskEnvelope
-from worker.dlq import DeadLetters
-from worker.lane import held_index
+from hetbatch.producers.errors import PayloadError
+from hetbatch.producers.protocol.kombu import lane_list
+from hetbatch.producers.protocol.ledger import LedgerKeys, task_id_of
+from hetbatch.producers.protocol.wire import TASK_NAME, Keys, TaskEnvelope
+from hetbatch.worker.lane import held_index
+from hetbatch.worker.ops.dlq import DeadLetters
 
 __all__ = ["LeaderLock", "Reconciler", "Republisher", "SweepReport", "add_parser"]
 
@@ -51,7 +51,7 @@ class Republisher:
     """Publishes ledger envelopes again, as JSON Celery messages with their original task id."""
 
     def __init__(self, url: str) -> None:
-        from producers.client import make_producer_app
+        from hetbatch.producers.client import make_producer_app
 
         self.app = make_producer_app(url)
 
@@ -258,7 +258,7 @@ def _message_id(raw: bytes, unacked: bool = False) -> str:
 
 
 def _cmd_reconcile(args: argparse.Namespace) -> int:
-    from worker.settings import WorkerSettings
+    from hetbatch.worker.settings import WorkerSettings
 
     settings = WorkerSettings.from_env(redis_url=args.redis_url)
     client = redis.Redis.from_url(settings.redis_url)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from producers.errors import SchemaMismatch
+from hetbatch.producers.errors import SchemaMismatch
 
 __all__ = [
     "CastRule",

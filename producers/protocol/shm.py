@@ -29,7 +29,7 @@ import secrets
 import time
 from pathlib import Path
 
-from producers.errors import JobLost, PayloadError
+from hetbatch.producers.errors import JobLost, PayloadError
 
 __all__ = ["HOST_SEP", "host_queue", "host_token", "payload_name", "read_payload", "sweep", "unlink", "write_payload"]
 

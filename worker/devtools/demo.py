@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from producers.settings import ClientSettings
-from worker.redis_server import RedisServer, redis_answers
+from hetbatch.producers.settings import ClientSettings
+from hetbatch.worker.devtools.redis_server import RedisServer, redis_answers
 
 __all__ = ["run_demo"]
 
@@ -28,7 +28,7 @@ def _build_models(root: Path) -> tuple[Any, list[str]]:
     from sklearn.datasets import load_breast_cancer
     from sklearn.ensemble import RandomForestClassifier
 
-    from worker.registration import write_config
+    from hetbatch.worker.modelops.registration import write_config
 
     data = load_breast_cancer()  # no as_frame: the demo needs no pandas
     features = [str(c).replace(" ", "_") for c in data.feature_names]
@@ -88,7 +88,7 @@ def _inprocess_parquet(session: Any, root: Path, features: list[str]) -> float:
 def _start_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, HETBATCH_REDIS_URL=url, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "worker", "--pool", "cpu", "--loglevel", "INFO"],
+        [sys.executable, "-m", "hetbatch", "worker", "--pool", "cpu", "--loglevel", "INFO"],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         env=env,
@@ -109,9 +109,9 @@ def run_demo(
     import onnxruntime as ort
     import pyarrow.parquet as pq
 
-    from producers import Client
-    from worker.cli import main as cli_main
-    from worker.registration import build_spec
+    from hetbatch.producers import Client
+    from hetbatch.worker.cli import main as cli_main
+    from hetbatch.worker.modelops.registration import build_spec
 
     root = Path(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)

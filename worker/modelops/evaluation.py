@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from producers.errors import ConfigError
+from hetbatch.producers.errors import ConfigError
 
 if TYPE_CHECKING:  # the CLI imports this module to build its parser: keep that light
     import pyarrow as pa
 
-    from producers.client import Client
-    from producers.ensemble import EnsembleSpec
+    from hetbatch.producers.client import Client
+    from hetbatch.producers.protocol.ensemble import EnsembleSpec
 
 __all__ = ["METRICS", "add_parser", "evaluate"]
 
@@ -62,8 +62,8 @@ def evaluate(
     """
     import pyarrow as pa
 
-    from producers.ensemble import EnsembleSpec
-    from worker.ensemble import result_arrays
+    from hetbatch.producers.protocol.ensemble import EnsembleSpec
+    from hetbatch.worker.ensemble import result_arrays
 
     spec = client.registry.get(name)
     if not isinstance(spec, EnsembleSpec) or spec.strategy != "select" or "rule" in spec.params:
@@ -94,8 +94,8 @@ def evaluate(
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from producers.client import Client
-    from producers.settings import ClientSettings
+    from hetbatch.producers.client import Client
+    from hetbatch.producers.settings import ClientSettings
 
     client = Client(ClientSettings.from_env(redis_url=args.redis_url))
     try:

@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 
 import pyarrow as pa
 
-from producers.errors import PayloadError, PayloadTooLarge, RemoteError
-from producers.ipc import read_stream
+from hetbatch.producers.errors import PayloadError, PayloadTooLarge, RemoteError
+from hetbatch.producers.protocol.ipc import read_stream
 
 __all__ = [
     "CELERY_WIRE_CONFIG",
@@ -138,7 +138,7 @@ class TaskEnvelope:
     items: tuple[Item, ...]
     payload_key: str | None = None
     payload_b64: str | None = None
-    # The name of a file in the shared-memory folder both sides see (producers.shm).
+    # The name of a file in the shared-memory folder both sides see (producers.protocol.shm).
     payload_shm: str | None = None
     reply_to: str | None = None
     deadline: float | None = None  # unix seconds
@@ -269,7 +269,7 @@ def decode_table(data: bytes | memoryview, *, max_bytes: int | None = None, max_
     """Read an Arrow IPC stream, checking it fully before any column is used.
 
     The schema must use the wire's types only, record batches must be uncompressed and
-    within ``max_rows`` (see ``producers.ipc``). Buffers of the result point into
+    within ``max_rows`` (see ``producers.protocol.ipc``). Buffers of the result point into
     ``data`` (no copy for fixed-width columns).
 
     Raises:
@@ -326,7 +326,7 @@ def decode_result(data: bytes) -> pa.Table | RemoteError:
 
 def _read_result(body: memoryview) -> pa.Table:
     # Written by our workers: pyarrow's own reader plus full validation is enough here
-    # (the guarded reader in producers.ipc is for task payloads from producers).
+    # (the guarded reader in producers.protocol.ipc is for task payloads from producers).
     try:
         table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
         table.validate(full=True)

@@ -23,10 +23,10 @@ from typing import Any
 
 import tomllib
 
-from adapters import Adapter, adapter_class, sha256_of
-from producers.errors import ConfigError
-from producers.registry import ModelSpec, Registry, Spec
-from producers.schema import TensorSpec
+from hetbatch.adapters import Adapter, adapter_class, sha256_of
+from hetbatch.producers.errors import ConfigError
+from hetbatch.producers.protocol.registry import ModelSpec, Registry, Spec
+from hetbatch.producers.protocol.schema import TensorSpec
 
 __all__ = ["CONFIG_NAME", "build_spec", "read_config", "register_path", "write_config"]
 
@@ -184,7 +184,7 @@ def register_path(registry: Registry, path: str | Path, **overrides: Any) -> Spe
         ConfigError: invalid config; ModelLoadError and friends: the artifact cannot be loaded.
     """
     if read_config(path, known=None)[0].get("kind") == "ensemble":
-        from worker.ensemble_config import build_ensemble
+        from hetbatch.worker.modelops.ensemble_config import build_ensemble
 
         return registry.register(build_ensemble(path, registry, **overrides))
     return registry.register(build_spec(path, **overrides))

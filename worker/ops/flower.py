@@ -16,8 +16,8 @@ import logging
 import os
 import sys
 
-from producers.errors import ConfigError
-from worker.settings import WorkerSettings
+from hetbatch.producers.errors import ConfigError
+from hetbatch.worker.settings import WorkerSettings
 
 __all__ = ["add_parser", "basic_auth", "cmd_flower"]
 
@@ -47,7 +47,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
     Raises:
         ConfigError: no credentials and no ``--no-auth``.
     """
-    from worker.app import make_app
+    from hetbatch.worker.app import make_app
 
     settings = WorkerSettings.from_env(redis_url=args.redis_url, flower_port=args.port)
     if args.no_auth:

@@ -24,12 +24,12 @@ from typing import Any, cast
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
-from producers import shm
-from producers.publish import LANE_PRIORITY, PRIORITY_STEPS, lane_list
-from producers.retention import waiting_lists
-from producers.wire import DEVICES, FRAMEWORKS, Keys, queue_for
-from worker.lane import drains_lane
-from worker.settings import WorkerSettings
+from hetbatch.producers.protocol import shm
+from hetbatch.producers.protocol.kombu import LANE_PRIORITY, PRIORITY_STEPS, lane_list
+from hetbatch.producers.protocol.retention import waiting_lists
+from hetbatch.producers.protocol.wire import DEVICES, FRAMEWORKS, Keys, queue_for
+from hetbatch.worker.lane import drains_lane
+from hetbatch.worker.settings import WorkerSettings
 
 __all__ = ["Heartbeat", "StatusReport", "WorkerInfo", "add_parser", "collect", "queue_depths", "render"]
 
@@ -240,7 +240,7 @@ def render(report: StatusReport) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from producers.client import make_producer_app
+    from hetbatch.producers.client import make_producer_app
 
     settings = WorkerSettings.from_env(redis_url=args.redis_url)
     keys = Keys(settings.prefix)

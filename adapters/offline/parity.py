@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from adapters.base import AdapterError, TensorInfo
+from hetbatch.adapters.base import AdapterError, TensorInfo
 
 __all__ = [
     "DEFAULT_RTOL",

@@ -9,24 +9,24 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from worker import dlq, reconciler
-from worker.adapt import add_parser as add_adapt_parsers
-from worker.evaluation import add_parser as add_ensembles_parser
-from worker.flower import add_parser as add_flower_parser
-from worker.status import add_parser as add_status_parser
+from hetbatch.worker.modelops.adapt import add_parser as add_adapt_parsers
+from hetbatch.worker.modelops.evaluation import add_parser as add_ensembles_parser
+from hetbatch.worker.ops import dlq, reconciler
+from hetbatch.worker.ops.flower import add_parser as add_flower_parser
+from hetbatch.worker.ops.status import add_parser as add_status_parser
 
 __all__ = ["main"]
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from producers import Client, ClientSettings
+    from hetbatch.producers import Client, ClientSettings
 
     return Client(ClientSettings.from_env(redis_url=args.redis_url))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.pool import pool_env, spawn_gpu_workers
-    from worker.settings import WorkerSettings
+    from hetbatch.worker.pool import pool_env, spawn_gpu_workers
+    from hetbatch.worker.settings import WorkerSettings
 
     gpus = [g.strip() for g in (args.gpus or "").split(",") if g.strip()]
     if gpus and args.pool != "gpu":
@@ -47,7 +47,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = WorkerSettings.from_env(
         redis_url=args.redis_url, pool=args.pool, queues=args.queues, concurrency=args.concurrency
     )
-    from worker.app import make_app
+    from hetbatch.worker.app import make_app
 
     app = make_app(settings)
     name = args.name or f"{settings.pool}{args.gpus or ''}-{os.getpid()}@%h"
@@ -75,7 +75,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     client = _client(args)
     try:
         if args.action == "register":
-            from worker.registration import register_path
+            from hetbatch.worker.modelops.registration import register_path
 
             spec = register_path(client.registry, args.path, name=args.name, version=args.version)
             if spec.kind == "ensemble":
@@ -139,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    from hetbatch.worker.devtools.demo import run_demo
 
     return run_demo(rows=args.rows, redis_url=args.redis_url, start_worker=not args.no_worker)
 
@@ -203,8 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "models" and args.action in ("register", "show") and not args.path:
         parser.error(f"models {args.action} needs a PATH or NAME")
-    from adapters import AdapterError
-    from producers.errors import HetbatchError
+    from hetbatch.adapters import AdapterError
+    from hetbatch.producers.errors import HetbatchError
 
     try:
         return int(args.func(args))

@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from adapters import adapter_class
-from producers.ensemble import STRATEGIES, EnsembleSpec, Member
-from producers.errors import ConfigError, ModelNotFound
-from producers.registry import ModelSpec, Registry, parse_ref
-from producers.schema import TensorSpec
-from worker.registration import read_config
+from hetbatch.adapters import adapter_class
+from hetbatch.producers.errors import ConfigError, ModelNotFound
+from hetbatch.producers.protocol.ensemble import STRATEGIES, EnsembleSpec, Member
+from hetbatch.producers.protocol.registry import ModelSpec, Registry, parse_ref
+from hetbatch.producers.protocol.schema import TensorSpec
+from hetbatch.worker.modelops.registration import read_config
 
 __all__ = ["build_ensemble", "ensemble_from_config", "probe_outputs"]
 

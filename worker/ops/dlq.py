@@ -18,10 +18,10 @@ from typing import Any, cast
 
 import redis
 
-from producers.errors import PayloadError, RemoteError
-from producers.ledger import LedgerKeys, task_id_of
-from producers.wire import Keys, TaskEnvelope, pack_header
-from worker.results import Done, Outcome, ResultWriter, outcomes_of
+from hetbatch.producers.errors import PayloadError, RemoteError
+from hetbatch.producers.protocol.ledger import LedgerKeys, task_id_of
+from hetbatch.producers.protocol.wire import Keys, TaskEnvelope, pack_header
+from hetbatch.worker.results import Done, Outcome, ResultWriter, outcomes_of
 
 __all__ = ["DeadLetter", "DeadLetters", "add_parser"]
 
@@ -181,8 +181,8 @@ def _is_poison(stored: bytes) -> bool:
 
 
 def _cmd_dlq(args: argparse.Namespace) -> int:
-    from producers.settings import ClientSettings
-    from worker.reconciler import Republisher
+    from hetbatch.producers.settings import ClientSettings
+    from hetbatch.worker.ops.reconciler import Republisher
 
     settings = ClientSettings.from_env(redis_url=args.redis_url)
     client = redis.Redis.from_url(settings.redis_url)

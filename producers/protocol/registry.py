@@ -17,9 +17,9 @@ from typing import Any
 
 import redis
 
-from producers.errors import ConfigError, ModelNotFound
-from producers.schema import TensorSpec
-from producers.wire import DEVICES, FRAMEWORKS, Keys, queue_for
+from hetbatch.producers.errors import ConfigError, ModelNotFound
+from hetbatch.producers.protocol.schema import TensorSpec
+from hetbatch.producers.protocol.wire import DEVICES, FRAMEWORKS, Keys, queue_for
 
 __all__ = ["ModelSpec", "Registry", "Spec", "parse_ref"]
 

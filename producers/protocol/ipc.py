@@ -6,7 +6,7 @@ anything can be checked), dictionary batches, deeply nested or extension types. 
 module reads the stream message by message and, before pyarrow touches a body:
 
 - the schema must use only the wire's types (``ALLOWED_TYPES``: what
-  ``producers.schema`` produces), flat or as a fixed-size list of them; the only
+  ``producers.protocol.schema`` produces), flat or as a fixed-size list of them; the only
   extension type accepted is ``arrow.fixed_shape_tensor``;
 - every record batch header is parsed (flatbuffers, bounds-checked) and refused if it
   declares compression, a negative or over-``max_rows`` length, or buffers outside
@@ -23,7 +23,7 @@ import struct
 
 import pyarrow as pa
 
-from producers.errors import PayloadError
+from hetbatch.producers.errors import PayloadError
 
 __all__ = ["ALLOWED_TYPES", "MAX_COLUMNS", "check_type", "read_stream"]
 

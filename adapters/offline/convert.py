@@ -4,10 +4,10 @@
 (skl2onnx, ``torch.onnx.export``, tf2onnx) keeping the source's input names, dtypes and
 per-row shapes and its output names, with a dynamic batch axis; then it runs both in
 process on a sample and refuses the result (deleting the file) when the parity report
-fails, unless forced. Registration is the worker's job (``worker.adapt``): this module
+fails, unless forced. Registration is the worker's job (``worker.modelops.adapt``): this module
 imports no registry.
 
-Which source artifacts load, and how, is ``adapters.sources``.
+Which source artifacts load, and how, is ``adapters.loader``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import AdapterError, TensorInfo
-from adapters.parity import ParityError, ParityReport, Tolerance, parity, sample_inputs
-from adapters.sources import load_predictor, onnx_predictor, tf_call
+from hetbatch.adapters.base import AdapterError, TensorInfo
+from hetbatch.adapters.loader import load_predictor, onnx_predictor, tf_call
+from hetbatch.adapters.offline.parity import ParityError, ParityReport, Tolerance, parity, sample_inputs
 
 __all__ = ["ConversionResult", "ParityError", "to_onnx"]
 

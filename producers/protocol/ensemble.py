@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from producers.errors import ConfigError, HetbatchError, PayloadError, RemoteError
-from producers.registry import ModelSpec, parse_ref, register_kind
-from producers.schema import TensorSpec, table_to_arrays, to_table
-from producers.wire import Item, Keys, TaskEnvelope, encode_table
+from hetbatch.producers.errors import ConfigError, HetbatchError, PayloadError, RemoteError
+from hetbatch.producers.protocol.registry import ModelSpec, parse_ref, register_kind
+from hetbatch.producers.protocol.schema import TensorSpec, table_to_arrays, to_table
+from hetbatch.producers.protocol.wire import Item, Keys, TaskEnvelope, encode_table
 
 __all__ = [
     "STRATEGIES",

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import AdapterError, ModelLoadError, TensorInfo, UnsafeArtifact, sha256_of
-from adapters.parity import Predictor
+from hetbatch.adapters.base import AdapterError, ModelLoadError, TensorInfo, UnsafeArtifact, sha256_of
+from hetbatch.adapters.offline.parity import Predictor
 
 __all__ = ["load_predictor", "onnx_predictor", "tf_call"]
 
@@ -117,7 +117,7 @@ def _tf_predictor(model: Any, inputs: Sequence[TensorInfo], outputs: Sequence[st
 
 def onnx_predictor(path: str | os.PathLike[str], threads: int = 0) -> Predictor:
     """An in-process ONNX Runtime session on the CPU, as a predictor."""
-    from adapters.onnx import OnnxAdapter
+    from hetbatch.adapters.onnx import OnnxAdapter
 
     adapter = OnnxAdapter(path, options={"threads": threads}).load()
     return adapter.predict
@@ -139,7 +139,7 @@ def load_predictor(
         ModelLoadError: missing artifact, hash mismatch or a failed load.
         UnsafeArtifact: pickle-based or code-importing artifact without a pinned hash.
     """
-    from adapters import adapter_class
+    from hetbatch.adapters import adapter_class
 
     path, options = Path(artifact), dict(options or {})
     if not path.exists():

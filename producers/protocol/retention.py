@@ -3,7 +3,7 @@
 Inputs live ``ClientSettings.input_ttl_s`` (the worker deletes each as soon as its task
 ran), results and job records ``result_ttl_s``. ``delete_job`` and ``purge_model`` free
 them early. Queues are kombu's Redis lists: one list per priority step, ``<queue>`` for
-priority 0 and ``<queue>:<n>`` for the others (``producers.publish``).
+priority 0 and ``<queue>:<n>`` for the others (``producers.protocol.kombu``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any, cast
 
 import redis
 
-from producers.errors import PayloadError
-from producers.publish import PRIORITY_STEPS, lane_list, priority_list
-from producers.shm import HOST_SEP, unlink
-from producers.wire import Keys, TaskEnvelope
+from hetbatch.producers.errors import PayloadError
+from hetbatch.producers.protocol.kombu import PRIORITY_STEPS, lane_list, priority_list
+from hetbatch.producers.protocol.shm import HOST_SEP, unlink
+from hetbatch.producers.protocol.wire import Keys, TaskEnvelope
 
 __all__ = ["PurgeReport", "delete_job", "purge_model", "queue_keys", "waiting_lists"]
 
@@ -102,7 +102,7 @@ def purge_model(client: redis.Redis, keys: Keys, name: str, queue: str, shm_dir:
     job_ids: set[str] = set()
     doomed: set[str] = set()
     files: list[str] = []
-    # The queue's host queues too (producers.shm): ``<queue>@<token>`` and their priority lists.
+    # The queue's host queues too (producers.protocol.shm): ``<queue>@<token>`` and their priority lists.
     found = client.scan_iter(match=f"{queue}{HOST_SEP}*", count=_PAGE, _type="list")
     hosts = sorted({k.decode() if isinstance(k, bytes) else str(k) for k in found})
     for key in [*waiting_lists(queue), *hosts]:

@@ -1,6 +1,6 @@
 """Adaptation of registered models: convert, optimize, quantize, then register the result.
 
-The numerical work lives in ``adapters.convert`` and ``adapters.quantize``; this module
+The numerical work lives in ``adapters.offline.convert`` and ``adapters.offline.quantize``; this module
 resolves the source entry in the registry, prepares the sample (a Parquet file read
 through the model's input schema, or inputs generated from it), writes the new model's
 directory with a ``model.toml`` that keeps the source's schema, and registers it as a
@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from adapters import TensorInfo
-from adapters.convert import ConversionResult, to_onnx
-from adapters.parity import ParityReport, Tolerance, sample_inputs
-from adapters.quantize import BATCH_SIZES, CompressionReport, Mode, optimize, quantize
-from producers.errors import ConfigError
-from producers.registry import ModelSpec, Registry
-from producers.schema import table_to_arrays, to_table
-from worker.registration import build_spec, write_config
+from hetbatch.adapters import TensorInfo
+from hetbatch.adapters.offline.convert import ConversionResult, to_onnx
+from hetbatch.adapters.offline.parity import ParityReport, Tolerance, sample_inputs
+from hetbatch.adapters.offline.quantize import BATCH_SIZES, CompressionReport, Mode, optimize, quantize
+from hetbatch.producers.errors import ConfigError
+from hetbatch.producers.protocol.registry import ModelSpec, Registry
+from hetbatch.producers.protocol.schema import table_to_arrays, to_table
+from hetbatch.worker.modelops.registration import build_spec, write_config
 
 __all__ = ["Adapted", "add_parser", "convert_model", "load_sample", "optimize_model", "quantize_model"]
 
@@ -225,7 +225,7 @@ def quantize_model(
 
 
 def _run(args: argparse.Namespace) -> int:
-    from producers import Client, ClientSettings
+    from hetbatch.producers import Client, ClientSettings
 
     client = Client(ClientSettings.from_env(redis_url=args.redis_url))
     common: Mapping[str, Any] = dict(output=args.output, name=args.name, sample=args.sample,

@@ -26,7 +26,7 @@ from typing import Any, cast
 
 import redis
 
-from producers.wire import Keys, TaskEnvelope
+from hetbatch.producers.protocol.wire import Keys, TaskEnvelope
 
 __all__ = ["Attempt", "Ledger", "LedgerKeys", "Start", "task_id_of"]
 

@@ -1,0 +1,1 @@
+"""Offline adaptation, apart from serving: conversion to ONNX, parity reports, quantization."""

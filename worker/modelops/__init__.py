@@ -1,0 +1,1 @@
+"""Offline model work on the registry: model.toml, registration, conversion, ensembles, evaluation."""

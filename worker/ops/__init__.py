@@ -1,0 +1,1 @@
+"""Operator tools over a running deployment: status, reconciler, dead letters, Flower."""
