@@ -58,7 +58,7 @@ def build_models(root: Path, names: list[str]) -> dict[str, BenchModel]:
     """Build each requested model under ``root`` (an ONNX MLP, a forest natively and as
     ONNX, a TorchScript MLP), all on FEATURES float32 inputs."""
     from hetbatch.worker.modelops.registration import write_config
-    from tests.models import onnx_mlp
+    from tests.kit.models import onnx_mlp
 
     out: dict[str, BenchModel] = {}
     if "onnx-mlp" in names:

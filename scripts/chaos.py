@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 from hetbatch.producers import BrokerError, Client, ClientSettings  # noqa: E402
 from hetbatch.producers.protocol.ledger import LedgerKeys  # noqa: E402
 from hetbatch.worker.devtools.redis_server import RedisServer, free_port  # noqa: E402
-from tests.helpers import WorkerProcess, column, register  # noqa: E402
-from tests.models import sklearn_model  # noqa: E402
+from tests.kit.helpers import WorkerProcess, column, register  # noqa: E402
+from tests.kit.models import sklearn_model  # noqa: E402
 
 FAST_RECOVERY = {
     "HETBATCH_VISIBILITY_TIMEOUT_S": "10",

@@ -169,7 +169,7 @@ def in_process(spec: Any, device: str, x: np.ndarray) -> tuple[dict[str, Any], n
 
 def through_queue(client: Any, ref: str, x: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
     """Warm the worker's model, then time ``x`` through Redis and the worker."""
-    from tests.helpers import column
+    from tests.kit.helpers import column
 
     client.predict(ref, {"x": x[:1024]}, timeout_s=300)
     started = time.perf_counter()
@@ -193,7 +193,7 @@ def oom_step(client: Any, ref: str, rows: int, log: Any) -> dict[str, Any]:
     started = time.perf_counter()
     table = client.predict(ref, {"x": x}, timeout_s=300)
     elapsed = time.perf_counter() - started
-    from tests.helpers import column
+    from tests.kit.helpers import column
 
     got = column(table, "output")
     halvings = [int(n) for n in re.findall(r"ran out of memory; retrying with (\d+) rows per call", log.output())]
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hetbatch.producers import Client
     from hetbatch.worker.devtools.redis_server import RedisServer
-    from tests.helpers import WorkerProcess
+    from tests.kit.helpers import WorkerProcess
 
     rows = args.rows or (16_384 if args.cpu_dry_run else 131_072)
     work = Path(tempfile.mkdtemp(prefix="hetbatch-gpu-check-"))

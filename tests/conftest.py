@@ -10,7 +10,7 @@ import pytest
 
 from hetbatch.producers import Client
 from hetbatch.worker.devtools.redis_server import RedisServer
-from tests.helpers import WorkerProcess
+from tests.kit.helpers import WorkerProcess
 
 
 @pytest.fixture(scope="session")

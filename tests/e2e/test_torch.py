@@ -17,8 +17,8 @@ from hetbatch.producers.errors import ConfigError
 from hetbatch.producers.protocol.schema import TensorSpec, arrays_to_table, table_to_arrays
 from hetbatch.producers.protocol.wire import DEVICE_KEY, decode_table, encode_table
 from hetbatch.worker.modelops.registration import build_spec
-from tests.helpers import WorkerProcess, column, register
-from tests.models_dl import DLBuilt, onnx_from_torch, submit_unchecked, torch_cnn, torch_mlp
+from tests.kit.helpers import WorkerProcess, column, register
+from tests.kit.models_dl import DLBuilt, onnx_from_torch, submit_unchecked, torch_cnn, torch_mlp
 
 ATOL = 1e-5
 
@@ -155,7 +155,7 @@ def test_a_pinned_state_dict_with_its_module_class_equals_in_process(
     client: Client, cpu_worker: WorkerProcess, state_dict: DLBuilt
 ) -> None:
     spec = client.registry.register(build_spec(state_dict.directory))
-    assert spec.pinned and spec.options["module"] == "tests.models_dl:MLP"
+    assert spec.pinned and spec.options["module"] == "tests.kit.models_dl:MLP"
     assert_outputs(client.predict("torch-sd", state_dict.inputs, timeout_s=120), state_dict.expected)
 
 

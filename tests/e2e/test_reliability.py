@@ -28,9 +28,9 @@ from hetbatch.producers.protocol.schema import TensorSpec
 from hetbatch.producers.protocol.wire import TaskEnvelope
 from hetbatch.worker.devtools.redis_server import RedisServer
 from hetbatch.worker.ops.dlq import DeadLetters
-from tests.faults import FaultyWorker
-from tests.helpers import FAST_RECOVERY, ROOT, WorkerProcess, column, register
-from tests.models import Built, sklearn_model
+from tests.kit.faults import FaultyWorker
+from tests.kit.helpers import FAST_RECOVERY, ROOT, WorkerProcess, column, register
+from tests.kit.models import Built, sklearn_model
 
 FAST = {**FAST_RECOVERY, "HETBATCH_CONCURRENCY": "4"}
 
@@ -257,7 +257,6 @@ def test_publishing_to_a_dead_redis_raises_broker_error_after_a_bounded_retry(ir
 
 @pytest.mark.slow
 def test_chaos_small_worker_kills_and_a_redis_restart_lose_no_job(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT))
     from scripts.chaos import run_chaos
 
     report = run_chaos(150, kill_every_s=6.0, redis_kill_at_s=4.0, rate_per_s=15.0, work_dir=tmp_path)

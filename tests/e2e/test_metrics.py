@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hetbatch.producers import Client, ClientSettings, JobFailed, PayloadTooLarge
 from hetbatch.worker.devtools.redis_server import free_port
-from tests.helpers import ROOT, WorkerProcess, batch_stats, column, register
-from tests.models import Built, sklearn_model
+from tests.kit.helpers import ROOT, WorkerProcess, batch_stats, column, register
+from tests.kit.models import Built, sklearn_model
 
 WORKER_MAX_PAYLOAD_BYTES = 20_000
 SIZES = (10, 40, 150)

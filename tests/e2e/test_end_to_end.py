@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 
 from hetbatch.producers import Client, Status
-from tests.helpers import WorkerProcess, column, register
-from tests.models import Built, onnx_from_sklearn, sklearn_model
+from tests.kit.helpers import WorkerProcess, column, register
+from tests.kit.models import Built, onnx_from_sklearn, sklearn_model
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from hetbatch.producers import Client, JobFailed, Status
 from hetbatch.producers.protocol.wire import DEVICE_KEY, Keys
 from hetbatch.worker.modelops.registration import build_spec
 from hetbatch.worker.pool import pool_env
-from tests.helpers import ROOT, WorkerProcess, column
-from tests.models_dl import DLBuilt, torch_mlp
+from tests.kit.helpers import ROOT, WorkerProcess, column
+from tests.kit.models_dl import DLBuilt, torch_mlp
 
 
 @pytest.fixture(scope="module")

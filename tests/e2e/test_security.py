@@ -32,8 +32,8 @@ from hetbatch.producers.protocol.schema import TensorSpec
 from hetbatch.producers.protocol.wire import CELERY_WIRE_CONFIG, TASK_NAME
 from hetbatch.worker.devtools.redis_server import RedisServer, find_redis_server, free_port
 from hetbatch.worker.modelops.registration import write_config
-from tests.helpers import ROOT, WorkerProcess, column, register
-from tests.models import Built, sklearn_model
+from tests.kit.helpers import ROOT, WorkerProcess, column, register
+from tests.kit.models import Built, sklearn_model
 
 ADMIN_PASSWORD = "admin-s3cret"
 USER, USER_PASSWORD = "hetbatch", "hb-s3cret"
@@ -154,7 +154,7 @@ def test_nothing_unpickles_wire_data() -> None:
     assert make_app(WorkerSettings()).conf.accept_content == ["json"]
     forbidden = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "marshal", "shelve", "joblib"}
     for package in ("producers", "worker"):
-        for path in (ROOT / package).glob("*.py"):
+        for path in (ROOT / package).rglob("*.py"):
             tree = ast.parse(path.read_text())
             for node in ast.walk(tree):
                 names = []
@@ -166,7 +166,7 @@ def test_nothing_unpickles_wire_data() -> None:
                 if isinstance(node, ast.Attribute):
                     assert node.attr not in ("read_pickle", "deserialize_pandas"), path.name
     # The only unpickling loader in the adapters sits behind the pinned-hash check.
-    for path in (ROOT / "adapters").glob("*.py"):
+    for path in (ROOT / "adapters").rglob("*.py"):
         text = path.read_text()
         if "joblib.load" in text or "pickle.load" in text:
             assert "pickle_suffixes" in text and path.name != "base.py", path.name

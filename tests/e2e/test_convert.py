@@ -22,8 +22,8 @@ from hetbatch.producers.protocol.schema import TensorSpec, to_table
 from hetbatch.worker.cli import main
 from hetbatch.worker.modelops.adapt import convert_model, optimize_model, quantize_model
 from hetbatch.worker.modelops.registration import write_config
-from tests.helpers import WorkerProcess, column, register
-from tests.models import Built, sklearn_model
+from tests.kit.helpers import WorkerProcess, column, register
+from tests.kit.models import Built, sklearn_model
 
 pytestmark = pytest.mark.timeout(600)
 

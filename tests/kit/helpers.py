@@ -15,7 +15,7 @@ import numpy as np
 from hetbatch.producers import Client
 from hetbatch.worker.modelops.registration import build_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # Recovery knobs lowered so that tests wait seconds, not minutes (visibility timeout 8 s).

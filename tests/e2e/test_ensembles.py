@@ -16,8 +16,8 @@ from hetbatch.producers.protocol.ensemble import EnsembleSpec
 from hetbatch.worker.devtools.redis_server import RedisServer
 from hetbatch.worker.fusion import MemberOutput, fuse
 from hetbatch.worker.modelops.registration import register_path, write_config
-from tests.helpers import WorkerProcess, column, register
-from tests.models import Built, onnx_from_sklearn, sklearn_model
+from tests.kit.helpers import WorkerProcess, column, register
+from tests.kit.models import Built, onnx_from_sklearn, sklearn_model
 
 TIMEOUT_S = 120
 

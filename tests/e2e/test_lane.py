@@ -7,7 +7,6 @@ compared with the model's in-process predictions.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -24,9 +23,9 @@ from hetbatch.worker.devtools.redis_server import RedisServer
 from hetbatch.worker.lane import held_index, held_key
 from hetbatch.worker.ops.reconciler import Reconciler
 from hetbatch.worker.ops.status import queue_depths
-from tests.faults import FaultyWorker
-from tests.helpers import FAST_RECOVERY, ROOT, WorkerProcess, column, register
-from tests.models import Built, sklearn_model
+from tests.kit.faults import FaultyWorker
+from tests.kit.helpers import FAST_RECOVERY, WorkerProcess, column, register
+from tests.kit.models import Built, sklearn_model
 
 QUEUE = "sklearn.cpu"
 
@@ -221,7 +220,6 @@ def test_the_reconciler_leaves_queued_and_held_lane_jobs_alone_until_their_hold_
 def test_chaos_on_the_lane_worker_kills_and_a_redis_restart_lose_no_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sys.path.insert(0, str(ROOT))
     from scripts.chaos import run_chaos
 
     monkeypatch.setenv("HETBATCH_LANE_MAX_ROWS", "64")  # every chaos job (1-19 rows) takes the lane

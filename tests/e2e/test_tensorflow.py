@@ -13,8 +13,8 @@ from hetbatch.producers import Client, JobFailed, SchemaMismatch
 from hetbatch.producers.protocol.schema import TensorSpec, arrays_to_table
 from hetbatch.producers.protocol.wire import DEVICE_KEY
 from hetbatch.worker.modelops.registration import build_spec, write_config
-from tests.helpers import WorkerProcess, column, register
-from tests.models_dl import DLBuilt, keras_two_inputs, submit_unchecked, torch_mlp
+from tests.kit.helpers import WorkerProcess, column, register
+from tests.kit.models_dl import DLBuilt, keras_two_inputs, submit_unchecked, torch_mlp
 
 ATOL = 1e-5
 

@@ -21,8 +21,8 @@ from hetbatch.producers import Client
 from hetbatch.producers.protocol.schema import to_table
 from hetbatch.producers.protocol.wire import encode_table
 from hetbatch.worker.devtools.redis_server import free_port
-from tests.helpers import ROOT, WorkerProcess, column, register
-from tests.models import Built, sklearn_model
+from tests.kit.helpers import ROOT, WorkerProcess, column, register
+from tests.kit.models import Built, sklearn_model
 
 USER, PASSWORD = "operator", "flower-test-pw"
 WORKER = "flower-test@localhost"

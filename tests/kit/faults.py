@@ -1,7 +1,7 @@
 """Test-only faults that cannot be produced for real on demand: a model that kills its
 worker on a marker value (a poison job, an OOM kill) or that is slow enough to be
-killed mid-batch. Run as ``python -m tests.faults worker ...`` (the real ``hetbatch
-worker`` with the fault-injecting scikit-learn adapter) or ``python -m tests.faults
+killed mid-batch. Run as ``python -m tests.kit.faults worker ...`` (the real ``hetbatch
+worker`` with the fault-injecting scikit-learn adapter) or ``python -m tests.kit.faults
 prefork ...`` (the same app on Celery's prefork pool, to kill a pool child).
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from hetbatch import adapters
 from hetbatch.adapters.sklearn import SklearnAdapter
-from tests.helpers import ROOT, WorkerProcess
+from tests.kit.helpers import ROOT, WorkerProcess
 
 CRASH_EXIT_CODE = 137
 
@@ -48,7 +48,7 @@ class FaultyWorker(WorkerProcess):
         full_env["CUDA_VISIBLE_DEVICES"] = ""
         self._fh = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.faults", mode, "--loglevel", "INFO", *args],
+            [sys.executable, "-m", "tests.kit.faults", mode, "--loglevel", "INFO", *args],
             stdout=self._fh,
             stderr=subprocess.STDOUT,
             env=full_env,
@@ -83,7 +83,7 @@ def _prefork(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    adapters.ADAPTERS["sklearn"] = ("tests.faults:FaultySklearnAdapter", "sklearn")
+    adapters.ADAPTERS["sklearn"] = ("tests.kit.faults:FaultySklearnAdapter", "sklearn")
     if argv and argv[0] == "prefork":
         return _prefork(argv[1:])
     from hetbatch.worker.cli import main as cli_main

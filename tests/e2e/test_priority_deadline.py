@@ -22,8 +22,8 @@ import redis
 
 from hetbatch.producers import Client, ClientSettings, JobExpired, Status
 from hetbatch.producers.protocol.wire import decode_notice
-from tests.helpers import ROOT, WorkerProcess, batch_stats, column, register
-from tests.models import Built, sklearn_model
+from tests.kit.helpers import ROOT, WorkerProcess, batch_stats, column, register
+from tests.kit.models import Built, sklearn_model
 
 INPUT_TTL_S, RESULT_TTL_S = 600, 120
 

@@ -11,8 +11,8 @@ import pytest
 
 from hetbatch.producers import JobFailed, ModelNotFound, SchemaMismatch, Status
 from hetbatch.producers.aio import AsyncClient
-from tests.helpers import WorkerProcess, column, register
-from tests.models import Built, sklearn_model
+from tests.kit.helpers import WorkerProcess, column, register
+from tests.kit.models import Built, sklearn_model
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hetbatch.producers import Client, JobFailed, shm
+from hetbatch.producers import Client, JobFailed
 from hetbatch.producers.errors import JobLost, PayloadError
+from hetbatch.producers.protocol import shm
 from hetbatch.producers.protocol.kombu import celery_message, priority_list
 from hetbatch.producers.protocol.ledger import LedgerKeys
 from hetbatch.producers.protocol.wire import FUSION_QUEUE, Keys
 from hetbatch.worker.devtools.redis_server import RedisServer
 from hetbatch.worker.settings import WorkerSettings
-from tests.faults import FaultyWorker
-from tests.helpers import FAST_RECOVERY, WorkerProcess, column, register
-from tests.models import Built, sklearn_model
+from tests.kit.faults import FaultyWorker
+from tests.kit.helpers import FAST_RECOVERY, WorkerProcess, column, register
+from tests.kit.models import Built, sklearn_model
 
 QUEUE = "sklearn.cpu"
 

@@ -37,8 +37,8 @@ from hetbatch.producers.protocol.schema import TensorSpec, table_to_arrays
 from hetbatch.producers.protocol.wire import TASK_NAME, Item, TaskEnvelope, decode_notice, decode_result, decode_table
 from hetbatch.producers.protocol.wire import encode_table as _encode_table
 from hetbatch.worker.devtools.redis_server import RedisServer
-from tests.helpers import WorkerProcess, column, register
-from tests.models import Built, sklearn_model
+from tests.kit.helpers import WorkerProcess, column, register
+from tests.kit.models import Built, sklearn_model
 
 INPUTS = (TensorSpec("X", "float64", (4,)),)
 MAX_PAYLOAD = 256 * 1024  # the fuzz worker's max_payload_bytes

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from hetbatch.producers import Client, JobFailed
-from tests.helpers import WorkerProcess, batch_stats, column, register
-from tests.models import Built, sklearn_model
+from tests.kit.helpers import WorkerProcess, batch_stats, column, register
+from tests.kit.models import Built, sklearn_model
 
 
 @pytest.fixture(scope="module")

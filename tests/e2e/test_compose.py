@@ -25,7 +25,7 @@ from hetbatch.producers.settings import ClientSettings
 from hetbatch.worker.cli import build_parser
 from hetbatch.worker.devtools.redis_server import RedisServer, free_port
 from hetbatch.worker.settings import WorkerSettings
-from tests.helpers import ROOT
+from tests.kit.helpers import ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]

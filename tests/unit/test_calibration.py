@@ -14,7 +14,7 @@ from hetbatch.producers.protocol.wire import Keys
 from hetbatch.worker.modelops.registration import build_spec
 from hetbatch.worker.models import ModelCache
 from hetbatch.worker.settings import WorkerSettings
-from tests.models import onnx_from_sklearn, onnx_mlp, sklearn_model
+from tests.kit.models import onnx_from_sklearn, onnx_mlp, sklearn_model
 
 multicore = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to calibrate")
 

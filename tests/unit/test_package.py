@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hetbatch import producers
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_public_exports_are_pinned() -> None:

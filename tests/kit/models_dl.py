@@ -47,7 +47,7 @@ class DLBuilt:
 
 class MLP(nn.Module):
     """Features and a temperature in, (probabilities, logits) out. Importable by a worker as
-    ``tests.models_dl:MLP`` for state-dict artifacts."""
+    ``tests.kit.models_dl:MLP`` for state-dict artifacts."""
 
     def __init__(self, features: int = 30, hidden: int = 16, classes: int = 2) -> None:
         super().__init__()
@@ -130,7 +130,7 @@ def torch_mlp(directory: Path, name: str, fmt: str = "torchscript", pin: bool = 
     else:
         artifact = "weights.pt"
         torch.save(model.state_dict(), directory / artifact)
-        options["module"] = "tests.models_dl:MLP"
+        options["module"] = "tests.kit.models_dl:MLP"
         loaded = model
     if pin and fmt != "torchscript":
         config.setdefault("sha256", sha256_of(directory / artifact))

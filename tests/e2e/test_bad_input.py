@@ -15,8 +15,8 @@ from hetbatch.producers import Client, JobFailed, ModelNotFound, SchemaMismatch
 from hetbatch.producers.client import Job
 from hetbatch.producers.protocol.wire import TASK_NAME, Item, TaskEnvelope, encode_table, queue_for
 from hetbatch.worker.modelops.registration import write_config
-from tests.helpers import WorkerProcess, column, register
-from tests.models import Built, sklearn_model
+from tests.kit.helpers import WorkerProcess, column, register
+from tests.kit.models import Built, sklearn_model
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_bad_data_is_refused_before_it_is_sent(client: Client, iris: Built, data
 
 
 def test_lossy_cast_needs_consent(client: Client, cpu_worker: WorkerProcess, work_dir: Path) -> None:
-    from tests.models import onnx_from_sklearn
+    from tests.kit.models import onnx_from_sklearn
 
     built = onnx_from_sklearn(work_dir / "bad-onnx", "bad-onnx", sklearn_model(work_dir / "b", "b", "iris"))
     register(client, built.directory)
