@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Two images from one file (docker-compose.yml builds both):
 #   docker build --target cpu -t hetbatch:cpu .   CPU torch 2.13.0 from the CPU wheel index
-#   docker build --target gpu -t hetbatch:gpu .   CUDA torch + onnxruntime-gpu
+#   docker build --target gpu -t hetbatch:gpu .   CUDA 13 torch + onnxruntime-gpu + onnx
 # Pick other extras with --build-arg EXTRAS=... (names from pyproject.toml).
 ARG PYTHON_VERSION=3.12
 
@@ -31,13 +31,13 @@ CMD ["hetbatch", "worker", "--pool", "cpu"]
 
 FROM base AS gpu
 ARG TORCH_VERSION=2.13.0
-ARG EXTRAS=sklearn,gpu,torch,metrics,pandas
-# The default index's Linux torch is the CUDA build; its nvidia-* wheels carry the
-# CUDA and cuDNN libraries that onnxruntime-gpu loads too, registered with ldconfig.
+ARG EXTRAS=sklearn,gpu,metrics,pandas
+# The "gpu" extra is one CUDA 13 stack: PyPI's Linux torch 2.13 and onnxruntime-gpu>=1.27
+# with its [cuda,cudnn] wheels; their nvidia-* libraries are registered with ldconfig.
 # The CPU onnxruntime must not sit beside onnxruntime-gpu (same module name), hence
-# the "gpu" extra instead of "onnx", and the check at the end.
-RUN pip install "torch==${TORCH_VERSION}" \
- && pip install ".[${EXTRAS}]" "onnx>=1.15" "torch==${TORCH_VERSION}" \
+# the "gpu" extra instead of "onnx", and the check at the end. TensorFlow's CUDA wheels
+# are CUDA 12: build a separate image for tensorflow.gpu (docs/gpu.md).
+RUN pip install ".[${EXTRAS}]" "torch==${TORCH_VERSION}" \
  && python -c "import glob, site; print('\n'.join(glob.glob(site.getsitepackages()[0] + '/nvidia/*/lib')))" \
       > /etc/ld.so.conf.d/nvidia-wheels.conf && ldconfig \
  && if pip show onnxruntime >/dev/null 2>&1; then echo "onnxruntime (CPU) got installed beside onnxruntime-gpu" >&2; exit 1; fi

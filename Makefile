@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU wheel from this machine's disk; an unpinned torch pulls multi-GB CUDA builds.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint typecheck check bench bench-quick clean
+.PHONY: demo test lint typecheck check bench bench-quick chaos clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +26,10 @@ demo: $(VENV)/.demo-installed
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# ruff check . covers hetbatch/ (the symlinked folders are linted once, at the root).
 lint: $(VENV)/.dev-installed
 	$(PY) -m ruff check .
-	$(PY) -m ruff format --check hetbatch producers worker adapters
+	$(PY) -m ruff format --check hetbatch producers worker adapters tests/kit
 
 typecheck: $(VENV)/.dev-installed
 	$(PY) -m mypy
@@ -40,6 +41,10 @@ bench: $(VENV)/.dev-installed
 
 bench-quick: $(VENV)/.dev-installed
 	$(PY) -m bench.run --quick
+
+# bench/, scripts/ and tests/kit/ are packages run from the repository root (no sys.path edits).
+chaos: $(VENV)/.dev-installed
+	$(PY) -m scripts.chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .bench .pytest_cache .mypy_cache .ruff_cache

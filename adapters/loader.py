@@ -1,18 +1,15 @@
-"""Source models loaded in process for conversion and parity: every framework, one call.
+"""One artifact loader for serving and for offline work (conversion, parity, quantization).
 
-``load_predictor`` returns the framework's model object (what a converter needs) and a
-predictor (named arrays in, named arrays out) for the parity check. scikit-learn and
-ONNX go through their adapters; torch and TensorFlow/Keras are loaded here, with the
-same artifact conventions as their adapters, so conversion does not depend on them:
-torch TorchScript ``.pt``/``.ts`` (``torch.jit.load``), ``.pt2`` (``torch.export.load``),
-or a state dict with ``options.module = "pkg.mod:Class"`` (a class or factory, called
-with ``options.module_kwargs``), which imports code and so needs a pinned sha256; Keras
-``.keras`` (``safe_mode=True``) or a SavedModel directory (``options.signature``).
+``load_predictor`` loads an artifact through the same adapter a worker would use, with
+the same options (``options.module`` and ``options.module_kwargs`` for a torch state
+dict, ``options.signature`` for a SavedModel, ...), the same format detection and the
+same trust rules (pickle-based or code-importing artifacts need a pinned sha256). It
+returns the framework's model object (what a converter needs) and a predictor (named
+arrays in, named arrays out) under the names the caller's schema gives.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,83 +17,55 @@ from typing import Any
 
 import numpy as np
 
-from hetbatch.adapters.base import AdapterError, ModelLoadError, TensorInfo, UnsafeArtifact, sha256_of
+from hetbatch.adapters.base import Adapter, AdapterError, ModelLoadError, Options, TensorInfo
 from hetbatch.adapters.offline.parity import Predictor
 
-__all__ = ["load_predictor", "onnx_predictor", "tf_call"]
+__all__ = ["load_adapter", "load_predictor", "onnx_predictor", "tf_call"]
 
 
-def _split_target(target: str) -> tuple[str, str]:
-    module, _, name = target.partition(":")
-    if not module or not name:
-        raise ModelLoadError(f"options.module must be 'package.module:Class', not {target!r}")
-    return module, name
+def load_adapter(
+    framework: str,
+    artifact: str | os.PathLike[str],
+    *,
+    options: Mapping[str, Any] | Options | None = None,
+    device: str = "cpu",
+    sha256: str | None = None,
+    pinned: bool = False,
+) -> Adapter:
+    """The loaded adapter of ``framework`` for ``artifact`` (what a worker loads).
+
+    Raises:
+        InvalidOptions: an unknown or mistyped option.
+        ModelLoadError: missing artifact, hash mismatch or a failed load.
+        UnsafeArtifact: pickle-based or code-importing artifact without a pinned hash.
+        MissingFramework: the framework is not installed.
+    """
+    from hetbatch.adapters import adapter_class
+
+    return adapter_class(framework)(artifact, options=options, device=device, sha256=sha256, pinned=pinned).load()
 
 
-def _load_torch(artifact: Path, options: Mapping[str, Any], trusted: bool) -> Any:
-    import torch
-
-    if options.get("module"):
-        if not trusted:
-            raise UnsafeArtifact(
-                f"{artifact.name} is a state dict for {options['module']}, which imports code: pin its sha256"
-            )
-        module_name, class_name = _split_target(str(options["module"]))
-        cls = getattr(importlib.import_module(module_name), class_name)
-        net = cls(**dict(options.get("module_kwargs", {})))
-        net.load_state_dict(torch.load(artifact, map_location="cpu", weights_only=True))
-        return net.eval()
-    if artifact.suffix == ".pt2":
-        return torch.export.load(str(artifact))
-    if artifact.suffix in (".pt", ".ts", ".torchscript"):
-        return torch.jit.load(str(artifact), map_location="cpu").eval()  # type: ignore[no-untyped-call]
-    raise ModelLoadError(f"unknown torch artifact {artifact.name}: use TorchScript .pt, .pt2 or options.module")
+def _renamer(have: Sequence[str], want: Sequence[str], what: str, artifact: Path) -> dict[str, str]:
+    """Map the caller's names onto the model's: equal names as they are, else by position."""
+    if set(have) == set(want):
+        return {n: n for n in want}
+    if len(have) != len(want):
+        raise ModelLoadError(f"{artifact.name}: the model has {what} {list(have)}, the schema names {list(want)}")
+    return dict(zip(want, have, strict=True))
 
 
-class _Signature:
-    """A SavedModel signature that keeps its SavedModel (and so its variables) alive."""
-
-    def __init__(self, saved_model: Any, name: str) -> None:
-        self.saved_model = saved_model
-        self.function = saved_model.signatures[name]
-
-    def __call__(self, **kwargs: Any) -> Any:
-        return self.function(**kwargs)
-
-
-def _load_tensorflow(artifact: Path, options: Mapping[str, Any]) -> Any:
-    if artifact.is_dir():
-        import tensorflow as tf
-
-        return _Signature(tf.saved_model.load(str(artifact)), str(options.get("signature", "serving_default")))
-    if artifact.suffix != ".keras":
-        raise ModelLoadError(f"unknown TensorFlow artifact {artifact.name}: use .keras or a SavedModel directory")
-    import keras
-
-    return keras.saving.load_model(str(artifact), safe_mode=True, compile=False)
-
-
-def _named(result: Any, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-    """A model's raw result (tensor, tuple, list or dict) -> the named numpy outputs."""
-    if isinstance(result, Mapping):
-        values = dict(result)
-        if not all(n in values for n in outputs) and len(values) == len(outputs):
-            values = dict(zip(outputs, values.values(), strict=True))
-    elif isinstance(result, (tuple, list)):
-        values = dict(zip(outputs, result, strict=False))
-    else:
-        values = {outputs[0]: result}
-    return {k: np.asarray(v.detach().numpy() if hasattr(v, "detach") else v) for k, v in values.items()}
-
-
-def _torch_predictor(model: Any, inputs: Sequence[TensorInfo], outputs: Sequence[str]) -> Predictor:
-    import torch
-
-    call = model.module() if hasattr(model, "graph_signature") else model
+def _schema_predictor(adapter: Adapter, inputs: Sequence[TensorInfo], outputs: Sequence[str]) -> Predictor:
+    """The adapter's predict, under the schema's input and output names."""
+    found_in, found_out = adapter.describe()
+    names_in = _renamer([i.name for i in found_in], [i.name for i in inputs], "inputs", adapter.artifact)
+    produced = [o.name for o in found_out]
+    names_out = _renamer(produced, list(outputs), "outputs", adapter.artifact) if outputs else {}
 
     def predict(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            return _named(call(*(torch.from_numpy(np.ascontiguousarray(arrays[i.name])) for i in inputs)), outputs)
+        result = adapter.predict({names_in.get(n, n): a for n, a in arrays.items()})
+        if not names_out:
+            return result
+        return {want: result[have] for want, have in names_out.items() if have in result}
 
     return predict
 
@@ -108,19 +77,9 @@ def tf_call(model: Any, named: Mapping[str, Any], inputs: Sequence[TensorInfo]) 
     return model(named[inputs[0].name] if len(inputs) == 1 else dict(named), training=False)
 
 
-def _tf_predictor(model: Any, inputs: Sequence[TensorInfo], outputs: Sequence[str]) -> Predictor:
-    def predict(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return _named(tf_call(model, arrays, inputs), outputs)
-
-    return predict
-
-
 def onnx_predictor(path: str | os.PathLike[str], threads: int = 0) -> Predictor:
     """An in-process ONNX Runtime session on the CPU, as a predictor."""
-    from hetbatch.adapters.onnx import OnnxAdapter
-
-    adapter = OnnxAdapter(path, options={"threads": threads}).load()
-    return adapter.predict
+    return load_adapter("onnx", path, options={"threads": threads}).predict
 
 
 def load_predictor(
@@ -133,31 +92,23 @@ def load_predictor(
     sha256: str | None = None,
     pinned: bool = False,
 ) -> tuple[Any, Predictor]:
-    """Load a source model; returns (the framework's model object, a predictor).
+    """Load a source model on the CPU; returns (the framework's model object, a predictor).
+
+    The model object is the scikit-learn estimator, the ONNX Runtime session, the torch
+    module (TorchScript, an exported program's module, or the state dict's module) or
+    the Keras model / SavedModel signature.
 
     Raises:
+        InvalidOptions: an unknown or mistyped option.
         ModelLoadError: missing artifact, hash mismatch or a failed load.
         UnsafeArtifact: pickle-based or code-importing artifact without a pinned hash.
+        AdapterError: no adapter for ``framework``.
     """
-    from hetbatch.adapters import adapter_class
-
-    path, options = Path(artifact), dict(options or {})
+    path = Path(artifact)
     if not path.exists():
         raise ModelLoadError(f"artifact {path} does not exist")
-    if sha256 is not None and sha256_of(path) != sha256:
-        raise ModelLoadError(f"artifact {path} changed since it was registered (sha256 differs)")
-    if framework in ("sklearn", "onnx"):
-        adapter = adapter_class(framework)(path, options=options, sha256=sha256, pinned=pinned).load()
-        return getattr(adapter, "model", getattr(adapter, "session", None)), adapter.predict
-    try:
-        if framework == "torch":
-            model = _load_torch(path, options, trusted=pinned and sha256 is not None)
-            return model, _torch_predictor(model, inputs, outputs)
-        if framework == "tensorflow":
-            model = _load_tensorflow(path, options)
-            return model, _tf_predictor(model, inputs, outputs)
-    except AdapterError:
-        raise
-    except Exception as exc:
-        raise ModelLoadError(f"{framework} could not load {path}: {exc}") from exc
-    raise AdapterError(f"no converter for framework {framework!r}")
+    adapter = load_adapter(framework, path, options=options, sha256=sha256, pinned=pinned)
+    model = next((getattr(adapter, a) for a in ("model", "session") if hasattr(adapter, a)), None)
+    if model is None:
+        raise AdapterError(f"the {framework} adapter exposes no model object to convert")
+    return model, _schema_predictor(adapter, inputs, outputs)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
-from hetbatch.adapters.base import Adapter, ModelLoadError, TensorInfo, UnsafeArtifact
+from hetbatch.adapters.base import Adapter, Capabilities, ModelLoadError, Options, TensorInfo, UnsafeArtifact
 
-__all__ = ["OUTPUT_NAMES", "SklearnAdapter"]
+__all__ = ["OUTPUT_NAMES", "SklearnAdapter", "SklearnOptions"]
 
 # Method -> result column name; the same names skl2onnx gives its outputs.
 OUTPUT_NAMES = {
@@ -22,12 +23,29 @@ OUTPUT_NAMES = {
 _TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.", "builtins.", "collections.")
 
 
+@dataclass(frozen=True)
+class SklearnOptions(Options):
+    """scikit-learn options (``[options]`` of a sklearn model).
+
+    Attributes:
+        methods: result methods, in column order (default predict, plus predict_proba
+            for classifiers).
+        dtype: dtype of the input matrix (float64 is what scikit-learn computes in).
+    """
+
+    methods: list[str] | None = None
+    dtype: str = "float64"
+
+
 class SklearnAdapter(Adapter):
-    """Options: ``methods`` (default predict, plus predict_proba for classifiers),
-    ``dtype`` of the input matrix (default float64, what scikit-learn computes in)."""
+    """A fitted estimator or pipeline; options in ``SklearnOptions``."""
 
     framework = "sklearn"
     pickle_suffixes = (".pkl", ".pickle", ".joblib")
+    options_type = SklearnOptions
+    options: SklearnOptions
+    # scikit-learn's predict runs on the calling thread: one instance per core.
+    CAPABILITIES: ClassVar[Capabilities] = Capabilities(instance_per_core=True)
 
     def _load(self) -> None:
         if self.artifact.suffix == ".skops":
@@ -40,7 +58,7 @@ class SklearnAdapter(Adapter):
             raise ModelLoadError(
                 f"unknown scikit-learn artifact {self.artifact.name}: use .skops (or a pinned .joblib)"
             )
-        self.methods: list[str] = list(self.options.get("methods") or self._default_methods())
+        self.methods: list[str] = list(self.options.methods or self._default_methods())
         for method in self.methods:
             if method not in OUTPUT_NAMES or not hasattr(self.model, method):
                 raise ModelLoadError(f"{type(self.model).__name__} has no usable method {method!r}")
@@ -67,7 +85,7 @@ class SklearnAdapter(Adapter):
 
     def describe(self) -> tuple[list[TensorInfo], list[TensorInfo]]:
         n = getattr(self.model, "n_features_in_", None)
-        inputs = [TensorInfo("X", str(self.options.get("dtype", "float64")), (n,))]
+        inputs = [TensorInfo("X", self.options.dtype, (n,))]
         return inputs, [TensorInfo(OUTPUT_NAMES[m], "float64") for m in self.methods]
 
     def feature_names(self) -> list[str] | None:
@@ -78,7 +96,7 @@ class SklearnAdapter(Adapter):
         classes = getattr(self.model, "classes_", None)
         return [c.item() if hasattr(c, "item") else c for c in classes] if classes is not None else None
 
-    def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = inputs["X"]
         with warnings.catch_warnings():
             # Fitted on a DataFrame, called with the same columns as an array: expected here.

@@ -15,14 +15,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from hetbatch.adapters.base import Adapter, ModelLoadError, PredictError, TensorInfo, UnsafeArtifact
+from hetbatch.adapters.base import Adapter, ModelLoadError, Options, PredictError, TensorInfo, UnsafeArtifact
 
-__all__ = ["TensorflowAdapter"]
+__all__ = ["SavedModelSignature", "TensorflowAdapter", "TensorflowOptions"]
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +53,57 @@ def _configure_runtime(threads: int) -> None:
 def _info(name: str, spec: Any) -> TensorInfo:
     shape = spec.shape  # a tf.TensorShape (SavedModel) or a tuple (KerasTensor)
     dims = [None] if getattr(shape, "rank", 0) is None else list(shape)[1:]
-    return TensorInfo(name, tf.as_dtype(spec.dtype).name, tuple(d if isinstance(d, int) else None for d in dims))
+    dtype = tf.as_dtype(spec.dtype).name
+    dtype = "float32" if dtype == "bfloat16" else dtype  # handed back as float32: see _to_numpy
+    return TensorInfo(name, dtype, tuple(d if isinstance(d, int) else None for d in dims))
 
 
 def _to_numpy(value: Any) -> np.ndarray:
     arr = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+    if arr.dtype.name == "bfloat16":  # an ml_dtypes extension type: Arrow cannot store it
+        arr = arr.astype(np.float32)
     if arr.dtype.kind == "O":  # tf.string comes back as bytes; Arrow strings are text
         flat = [v.decode() if isinstance(v, bytes) else v for v in arr.ravel()]
         arr = np.array(flat, dtype=object).reshape(arr.shape)
     return arr
 
 
+@dataclass(frozen=True)
+class TensorflowOptions(Options):
+    """TensorFlow options (``[options]`` of a tensorflow model; ``threads``: see the module).
+
+    Attributes:
+        signature: the SavedModel signature to serve.
+        input_names: rename a ``.keras`` model's positional inputs, in order.
+        output_names: rename a ``.keras`` model's outputs, in order.
+    """
+
+    signature: str = "serving_default"
+    input_names: list[str] | None = None
+    output_names: list[str] | None = None
+
+
+class SavedModelSignature:
+    """A SavedModel signature that keeps its SavedModel (and so its variables) alive;
+    called with keyword arguments, one tensor per input."""
+
+    def __init__(self, saved_model: Any, name: str) -> None:
+        self.saved_model = saved_model
+        self.function = saved_model.signatures[name]
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self.function(**kwargs)
+
+
 class TensorflowAdapter(Adapter):
-    """Options: ``signature`` (SavedModel, default ``serving_default``), ``input_names`` /
-    ``output_names`` (rename a ``.keras`` model's positional inputs and outputs),
-    ``threads`` (see the module docstring)."""
+    """A SavedModel directory or a ``.keras`` file; options in ``TensorflowOptions``."""
 
     framework = "tensorflow"
+    options_type = TensorflowOptions
+    options: TensorflowOptions
 
     def _load(self) -> None:
-        _configure_runtime(int(self.options.get("threads", 0) or 0))
+        _configure_runtime(self.options.threads)
         if self.device == "gpu" and not tf.config.list_physical_devices("GPU"):
             raise ModelLoadError(
                 f"{self.artifact.name} is a gpu model but TensorFlow sees no GPU (tensorflow {tf.__version__}, "
@@ -88,11 +120,12 @@ class TensorflowAdapter(Adapter):
         log.info("tensorflow model %s on %s", self.artifact.name, self.tf_device)
 
     def _load_saved_model(self) -> None:
-        self._saved = tf.saved_model.load(str(self.artifact))  # keeps the signature's variables alive
-        name = str(self.options.get("signature", "serving_default"))
-        if name not in self._saved.signatures:
-            raise ModelLoadError(f"SavedModel has no signature {name!r}; it has {sorted(self._saved.signatures)}")
-        fn = self._saved.signatures[name]
+        saved = tf.saved_model.load(str(self.artifact))
+        name = self.options.signature
+        if name not in saved.signatures:
+            raise ModelLoadError(f"SavedModel has no signature {name!r}; it has {sorted(saved.signatures)}")
+        self.model: Any = SavedModelSignature(saved, name)
+        fn = self.model.function
         _, kwargs = fn.structured_input_signature
         self._inputs = [_info(n, s) for n, s in kwargs.items()]
         self._outputs = [_info(n, s) for n, s in fn.structured_outputs.items()]
@@ -121,8 +154,8 @@ class TensorflowAdapter(Adapter):
             default = [str(t.name) for t in specs]
             if len(default) == 1 and default[0].startswith("keras_tensor"):
                 default = ["x"]  # an unnamed keras.Input: same default as the other adapters
-            names = [str(n) for n in self.options.get("input_names") or default]
-        out_names = self.options.get("output_names") or getattr(model, "output_names", None) or ["output"]
+            names = [str(n) for n in self.options.input_names or default]
+        out_names = self.options.output_names or getattr(model, "output_names", None) or ["output"]
         if len(names) != len(specs) or len(out_names) != len(model.outputs):
             raise ModelLoadError(
                 f"the model has {len(specs)} inputs and {len(model.outputs)} outputs; "
@@ -147,19 +180,13 @@ class TensorflowAdapter(Adapter):
     def describe(self) -> tuple[list[TensorInfo], list[TensorInfo]]:
         return list(self._inputs), list(self._outputs)
 
-    def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [i.name for i in self._inputs if i.name not in inputs]
         if missing:
             raise PredictError(f"missing inputs {missing}; the model takes {[i.name for i in self._inputs]}")
-        try:
-            with tf.device(self.tf_device):
-                tensors = {i.name: tf.convert_to_tensor(inputs[i.name]) for i in self._inputs}
-                result = self._call(tensors)
-        except tf.errors.ResourceExhaustedError:
-            raise  # out of memory: the batcher halves the batch
-        except Exception as exc:
-            shapes = {n: f"{a.dtype}{list(a.shape)}" for n, a in inputs.items()}
-            raise PredictError(f"tensorflow model failed on inputs {shapes}: {exc}") from exc
+        with tf.device(self.tf_device):
+            tensors = {i.name: tf.convert_to_tensor(inputs[i.name]) for i in self._inputs}
+            result = self._call(tensors)
         names = [o.name for o in self._outputs]
         if isinstance(result, Mapping):
             return {str(k): _to_numpy(v) for k, v in result.items()}
@@ -169,6 +196,6 @@ class TensorflowAdapter(Adapter):
         return {n: _to_numpy(v) for n, v in zip(names, values, strict=True)}
 
     def unload(self) -> None:
-        for name in ("model", "_call", "_saved"):
+        for name in ("model", "_call"):
             self.__dict__.pop(name, None)
         super().unload()

@@ -7,9 +7,15 @@ Artifacts, by what the file holds (not by its suffix):
 - ``torch.export`` programs (``torch.export.save``, ``.pt2``): export with a dynamic batch
   axis (``torch.export.Dim``), the batcher sends varying row counts.
 - A state dict (``torch.save(model.state_dict())``) plus ``options.module =
-  "pkg.mod:Class"`` and ``options.kwargs``: pickle-based, and importing the class runs
-  code, so it is loaded only when the config pins the artifact's sha256. The weights
-  are read with ``torch.load(weights_only=True)`` all the same.
+  "pkg.mod:Class"`` and ``options.module_kwargs``: pickle-based, and importing the class
+  runs code, so it is loaded only when the config pins the artifact's sha256. The
+  weights are read with ``torch.load(weights_only=True)`` all the same.
+
+Placement rewrites the graph, not only the weights: an exported program is moved with
+``torch.export.passes.move_to_device_pass`` (``.module().to(device)`` would leave
+``device=cpu`` baked into its graph's ops), TorchScript is loaded with ``map_location``.
+What still cannot run on the device fails the warm-up call at load. Float outputs
+come back in the dtype the program declares (bfloat16, which numpy lacks, as float32).
 """
 
 from __future__ import annotations
@@ -20,14 +26,15 @@ import logging
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from hetbatch.adapters.base import Adapter, ModelLoadError, PredictError, TensorInfo
+from hetbatch.adapters.base import Adapter, ModelLoadError, Options, PredictError, TensorInfo
 
-__all__ = ["TorchAdapter"]
+__all__ = ["TorchAdapter", "TorchOptions", "place_program"]
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +56,66 @@ def _archive_kind(path: Any) -> str:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    # numpy has no bfloat16: such outputs are handed back as float32.
+    return "float32" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch.")
+
+
+def place_program(program: Any, device: torch.device) -> Any:
+    """An exported program's module on ``device``, with the devices in its graph rewritten.
+
+    ``program.module().to(device)`` moves parameters and buffers only; tensors the graph
+    creates (``torch.ones(..., device="cpu")``) would stay where they were traced.
+    """
+    if device.type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
+    return program.module()
+
+
+@dataclass(frozen=True)
+class TorchOptions(Options):
+    """PyTorch options (``[options]`` of a torch model).
+
+    Attributes:
+        input_names: the model's inputs in ``forward`` order (default: the ``forward``
+            argument names, else ``["x"]``).
+        output_names: its outputs in order (default ``["output"]``, or ``output_<i>``).
+        module: ``"pkg.mod:Class"`` (a class or factory) for a state-dict artifact.
+        module_kwargs: keyword arguments of ``module``.
+
+    ``threads`` sets ``torch.set_num_threads``, which is process-wide: the last model
+    loaded with ``threads > 0`` sets it for every torch model in the worker.
+    """
+
+    input_names: list[str] | None = None
+    output_names: list[str] | None = None
+    module: str | None = None
+    module_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _to_numpy(tensor: torch.Tensor, declared: str | None) -> np.ndarray:
+    """One device-to-host copy; float outputs in the declared dtype (bfloat16 as float32)."""
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    arr = tensor.detach().cpu().numpy()  # shares the CPU tensor's memory
+    if declared is not None and arr.dtype.kind == "f" and arr.dtype.name != declared:
+        arr = arr.astype(declared)
+    return arr
 
 
 class TorchAdapter(Adapter):
-    """Options: ``input_names`` (default: the ``forward`` argument names, else ``["x"]``),
-    ``output_names`` (default ``["output"]``, or the program's output count), ``threads``
-    (intra-op threads, 0 = torch's default), ``module`` and ``kwargs`` (state-dict
-    artifacts only).
-
-    ``torch.set_num_threads`` is process-wide: the last model loaded with ``threads > 0``
-    sets it for every torch model in the worker.
-    """
+    """A TorchScript, ``torch.export`` or state-dict model; options in ``TorchOptions``."""
 
     framework = "torch"
+    options_type = TorchOptions
+    options: TorchOptions
 
     def is_pickle(self) -> bool:
-        return bool(self.options.get("module")) or _archive_kind(self.artifact) == "pickle"
+        return bool(self.options.module) or _archive_kind(self.artifact) == "pickle"
 
     def _load(self) -> None:
-        threads = int(self.options.get("threads", 0) or 0)
+        threads = self.options.threads
         if threads > 0:
             torch.set_num_threads(threads)
         if self.device == "gpu":
@@ -81,7 +128,7 @@ class TorchAdapter(Adapter):
         else:
             self.torch_device = torch.device("cpu")
         self._output_infos: list[TensorInfo] | None = None
-        kind = "state_dict" if self.options.get("module") else _archive_kind(self.artifact)
+        kind = "state_dict" if self.options.module else _archive_kind(self.artifact)
         if kind == "export":
             self.model: Any = self._load_export()
         elif kind == "torchscript":
@@ -94,12 +141,16 @@ class TorchAdapter(Adapter):
         elif kind == "pickle":
             raise ModelLoadError(
                 f"{self.artifact.name} is a torch.save pickle: give options.module = 'pkg.mod:Class' (and "
-                "options.kwargs) for a state dict, or save the model with torch.jit.save or torch.export.save"
+                "options.module_kwargs) for a state dict, or save the model with torch.jit.save or torch.export.save"
             )
         else:
             raise ModelLoadError(
                 f"{self.artifact.name} is neither TorchScript (torch.jit.save) nor a torch.export program (.pt2)"
             )
+        # Serving never needs gradients; a TorchScript module that was also traced (e.g. by
+        # the ONNX exporter) would otherwise refuse inference-mode inputs for its saved state.
+        for param in self.model.parameters():
+            param.requires_grad_(False)
         count = 1 if self._output_infos is None else len(self._output_infos)
         self.output_names = self._names(
             "output_names", ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
@@ -107,7 +158,7 @@ class TorchAdapter(Adapter):
         log.info("torch model %s (%s) on %s", self.artifact.name, kind, self.torch_device)
 
     def _names(self, option: str, default: Sequence[str]) -> list[str]:
-        names = self.options.get(option)
+        names = getattr(self.options, option)
         return [str(n) for n in names] if names else list(default)
 
     def _load_export(self) -> Any:
@@ -135,10 +186,10 @@ class TorchAdapter(Adapter):
             TensorInfo(str(n), _dtype_name(vals[n].dtype) if vals.get(n) is not None else "float32")
             for n in program.graph_signature.user_outputs
         ]
-        return program.module().to(self.torch_device)
+        return place_program(program, self.torch_device)
 
     def _load_state_dict(self) -> Any:
-        target = str(self.options["module"])
+        target = str(self.options.module)
         module_name, _, class_name = target.partition(":")
         if not class_name:
             raise ModelLoadError(f"options.module must be 'package.module:Class', not {target!r}")
@@ -146,7 +197,7 @@ class TorchAdapter(Adapter):
             cls = getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError) as exc:
             raise ModelLoadError(f"cannot import the model class {target!r} on this worker: {exc}") from exc
-        model = cls(**dict(self.options.get("kwargs") or {}))
+        model = cls(**self.options.module_kwargs)
         state = torch.load(str(self.artifact), map_location="cpu", weights_only=True)
         if not isinstance(state, Mapping):
             raise ModelLoadError(f"{self.artifact.name} holds a {type(state).__name__}, not a state dict")
@@ -180,25 +231,13 @@ class TorchAdapter(Adapter):
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             return torch.from_numpy(arr).to(self.torch_device)
 
-    def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             args = [self._tensor(n, inputs[n]) for n in self.input_names]
         except KeyError as exc:
             raise PredictError(f"missing input {exc}; the model takes {self.input_names}") from exc
-        try:
-            with torch.inference_mode():
-                result = self.model(*args)
-        except Exception as exc:
-            shapes = {n: f"{_dtype_name(t.dtype)}{list(t.shape)}" for n, t in zip(self.input_names, args, strict=True)}
-            # TorchScript reports a CUDA OOM as a RuntimeError: match the message too. It is
-            # re-raised as is, so the batcher halves the batch; the emptied cache gives the retry room.
-            if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
-                args.clear()
-                if self.torch_device.type == "cuda":
-                    torch.cuda.empty_cache()
-                raise
-            raise PredictError(f"torch model failed on inputs {shapes}: {exc}") from exc
-        return self._outputs(result)
+        with torch.inference_mode():
+            return self._outputs(self.model(*args))
 
     def _outputs(self, result: Any) -> dict[str, np.ndarray]:
         if isinstance(result, torch.Tensor):
@@ -213,8 +252,12 @@ class TorchAdapter(Adapter):
                 raise PredictError(
                     f"the model returned {len(tensors)} outputs, options.output_names names {len(names)}: {names}"
                 )
-        # One device-to-host copy per output and batch; .numpy() shares the CPU tensor's memory.
-        return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
+        declared = {i.name: i.dtype for i in self._output_infos or []}
+        return {n: _to_numpy(t, declared.get(n)) for n, t in zip(names, tensors, strict=True)}
+
+    def release_memory(self) -> None:
+        if getattr(self, "torch_device", None) is not None and self.torch_device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def unload(self) -> None:
         self.__dict__.pop("model", None)

@@ -49,7 +49,7 @@ def _build(root: Path) -> tuple[dict[str, Callable[[np.ndarray], dict[str, np.nd
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from hetbatch.worker.modelops.registration import write_config
+    from hetbatch.worker.modelops.config import write_config
 
     X, y = make_classification(4000, FEATURES, n_informative=10, n_classes=3, random_state=0)
     forest = RandomForestClassifier(n_estimators=50, max_depth=10, random_state=0, n_jobs=1).fit(X, y)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-_IMPORTS = "import worker.cli, producers, producers.client, pyarrow.parquet, tqdm, celery"
+_IMPORTS = "import hetbatch, hetbatch.worker.cli, pyarrow.parquet, tqdm, celery"
 
 
 # Linux counts the pre-exec image of a forked child in its ru_maxrss, so a child forked

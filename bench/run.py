@@ -161,7 +161,7 @@ def naive_rows_s(url: str, model: Path, X: np.ndarray, rows: int, log_dir: Path)
 
 
 def batch_stats(client: Client, ref: str) -> dict[str, float]:
-    raw = client.redis.hgetall(f"{client.keys.prefix}:stats:{ref}")
+    raw = client.redis.hgetall(client.keys.batch_stats(ref))
     return {k.decode(): float(v) for k, v in raw.items()}
 
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, model in models.items():
                 print(f"[bench] {name}: in-process and one large job of {rows:,} rows...", flush=True)
                 fig: dict[str, Any] = {}
-                client.redis.delete(f"{client.keys.prefix}:stats:{refs[name]}")
+                client.redis.delete(client.keys.batch_stats(refs[name]))
                 # Interleaved, one repeat of each at a time: the machine's load drifts, and
                 # a ratio should compare runs made under the same conditions.
                 client.predict(name, X[:256], timeout_s=120)  # load the model on the worker
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 fig = results["models"][mlp]
                 pieces = small_pieces(X, jobs)
                 print(f"[bench] {mlp}: {jobs:,} small jobs, one producer...", flush=True)
-                client.redis.delete(f"{client.keys.prefix}:stats:{refs[mlp]}")
+                client.redis.delete(client.keys.batch_stats(refs[mlp]))
                 fig["small_coalesced_jobs_s"], fig["small_cpu_us_per_job"], fig["small_redis_commands_per_job"] = (
                     small_job_costs(client, mlp, pieces, [worker.pid, server.proc.pid])
                 )
@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                 # backlog of the same small jobs, and its model calls are timed.
                 print(f"[bench] {mlp}: a worker draining a backlog of {jobs:,} small jobs...", flush=True)
                 stop_process(worker)
-                client.redis.delete(f"{client.keys.prefix}:stats:{refs[mlp]}")
-                ledger = f"{client.keys.prefix}:ledger"
+                client.redis.delete(client.keys.batch_stats(refs[mlp]))
+                ledger = client.keys.ledger()
                 before = int(client.redis.zcard(ledger))
                 backlog = client.submit_many(mlp, pieces)
                 worker = start_worker(server.url, work / "worker.log")

@@ -57,7 +57,7 @@ def start_worker(url: str, log: Path, *args: str) -> subprocess.Popen[bytes]:
 def build_models(root: Path, names: list[str]) -> dict[str, BenchModel]:
     """Build each requested model under ``root`` (an ONNX MLP, a forest natively and as
     ONNX, a TorchScript MLP), all on FEATURES float32 inputs."""
-    from hetbatch.worker.modelops.registration import write_config
+    from hetbatch.worker.modelops.config import write_config
     from tests.kit.models import onnx_mlp
 
     out: dict[str, BenchModel] = {}

@@ -2,34 +2,50 @@
 
 Same methods as ``Client``. Validation, Arrow encoding and publishing reuse the sync
 client's code in a thread (``asyncio.to_thread``): kombu has no asyncio API, and those
-steps are CPU work or one pipelined round trip anyway. Waiting is asyncio-native: one
-coroutine drains this client's reply list with ``redis.asyncio`` and wakes the jobs;
-a job also reads its result keys now and then, so a missed notice only costs a second.
+steps are CPU work or one round trip anyway. Waiting is asyncio-native and shares its
+logic with ``Client`` (``producers.replies``): one coroutine drains this client's reply
+list with ``redis.asyncio`` and wakes the jobs; a job also reads its result keys now
+and then, so a missed notice only costs a second.
+
+Connections come from a bounded pool that waits for a free connection
+(``BlockingConnectionPool``): many concurrent awaits queue for the pool instead of
+failing with ``MaxConnectionsError``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from typing import Any, cast
+from typing import Any
 
 import pyarrow as pa
 import redis.asyncio as aioredis
 
-from hetbatch.producers.client import Client, Job, assemble, status_of
-from hetbatch.producers.errors import JobTimeout
+from hetbatch.producers.client import Client
+from hetbatch.producers.jobs import FINISHED, Job, outputs
+from hetbatch.producers.protocol.ledger import Attempt
 from hetbatch.producers.protocol.registry import Spec
 from hetbatch.producers.protocol.retention import PurgeReport
-from hetbatch.producers.protocol.wire import Status, decode_notice
+from hetbatch.producers.protocol.wire import Status
+from hetbatch.producers.replies import (
+    Blpop,
+    Exists,
+    Inbox,
+    Lpop,
+    Mget,
+    Step,
+    arun,
+    collect_steps,
+    listen_steps,
+    status_steps,
+)
 from hetbatch.producers.settings import ClientSettings
 
 __all__ = ["AsyncClient", "AsyncJob"]
 
-_EARLY_MAX = 4096
-_BLPOP_TIMEOUT_S = 1
+_CLOSE_WAIT_S = 3.0  # the listener sees the stop flag within one BLPOP timeout (1 s)
 
 
 class AsyncJob:
@@ -51,27 +67,26 @@ class AsyncJob:
         """The job's outputs, as ``Job.result``.
 
         Raises:
-            JobFailed, JobExpired, JobTimeout: as ``Job.result``.
+            JobFailed, JobExpired, JobLost, JobTimeout: as ``Job.result``.
         """
-        pack = self._job.pack
-        if pack is None:
-            return assemble(self.id, self.chunks, await self._client._collect(self, timeout_s))
-        data = None if pack.loaded else (await self._client._collect(self, timeout_s))[0]
-        return pack.table(self.id, self._job.index, data)
+        job = self._job
+        loaded = job.pack is not None and job.pack.loaded
+        return outputs(job, None if loaded else await self._client._collect(job, timeout_s))
 
     async def status(self) -> Status:
         """Where the job stands, read from Redis (no waiting)."""
-        r, keys = self._client._redis, self._client.keys
-        stored = cast(list[bytes | None], await r.mget([keys.result(self.unit, c) for c in range(self.chunks)]))
-        recorded = all(v is not None for v in stored) or bool(await r.exists(keys.job(self.unit)))
-        return status_of(stored, recorded, self._job.index if self._job.pack is not None else None)
+        return await arun(status_steps(self._client.keys, self._job), self._client._do)
 
     async def done(self) -> bool:
-        return await self.status() in (Status.DONE, Status.FAILED, Status.EXPIRED)
+        """Whether the job finished for good: done, failed, expired or lost (as ``Job.done``)."""
+        return await self.status() in FINISHED
+
+    async def attempts(self) -> list[Attempt]:
+        """As ``Job.attempts``."""
+        return await asyncio.to_thread(self._job.attempts)
 
     async def delete(self) -> int:
         """Drop the job's record, inputs and results from Redis now; returns keys deleted."""
-        self._client._waiters.pop(self.unit, None)
         return await asyncio.to_thread(self._job.delete)
 
 
@@ -83,15 +98,21 @@ class AsyncClient:
     """
 
     def __init__(self, settings: ClientSettings | None = None) -> None:
-        self._sync = Client(settings, listen=False)
+        settings = settings or ClientSettings.from_env()
+        # Jobs are tracked in this inbox by the sync client before they are published;
+        # the coroutine below fills it. asyncio.Event binds to the loop on first wait.
+        self._inbox = Inbox(asyncio.Event)
+        self._sync = Client(settings, listen=False, inbox=self._inbox)
         self.settings = self._sync.settings
         self.keys = self._sync.keys
         self.registry = self._sync.registry
-        self._redis = aioredis.Redis.from_url(self.settings.redis_url)
-        self._reply_key = self.keys.reply(self._sync.id)
-        self._waiters: dict[str, dict[int, bytes | None]] = {}
-        self._events: dict[str, asyncio.Event] = {}
-        self._early: dict[str, dict[int, bytes | None]] = {}
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.settings.redis_url,
+            max_connections=self.settings.async_max_connections,
+            timeout=self.settings.pool_timeout_s,
+        )
+        self._redis = aioredis.Redis(connection_pool=pool)
+        self._reply_key = self._sync.replies.reply_key
         self._listener: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -110,31 +131,35 @@ class AsyncClient:
         """Stop the reply listener and release connections."""
         self._stopping = True
         if self._listener is not None:
-            # The listener sees the flag within one BLPOP timeout. Cancelling it mid-read
-            # is not enough: redis-py can swallow the cancellation and read on.
-            done, _ = await asyncio.wait({self._listener}, timeout=_BLPOP_TIMEOUT_S * 3)
+            # Cancelling the listener mid-read is not enough: redis-py can swallow the
+            # cancellation and read on. It sees the flag within one BLPOP timeout.
+            done, _ = await asyncio.wait({self._listener}, timeout=_CLOSE_WAIT_S)
             if not done:
                 self._listener.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait_for(self._listener, timeout=_BLPOP_TIMEOUT_S * 3)
+                    await asyncio.wait_for(self._listener, timeout=_CLOSE_WAIT_S)
             self._listener = None
+            with contextlib.suppress(aioredis.RedisError):
+                await self._redis.delete(self._reply_key)
         await self._redis.aclose()
         await asyncio.to_thread(self._sync.close)
 
     # -- the same surface as Client ------------------------------------------
 
     async def spec(self, model: str) -> Spec:
-        """The registry entry for ``model``. Raises ModelNotFound."""
+        """The registry entry for ``model``. Raises ModelNotFound, BrokerError."""
         return await asyncio.to_thread(self._sync.spec, model)
 
     async def submit(self, model: str, data: Any, **options: Any) -> AsyncJob:
         """As ``Client.submit`` (same options and errors)."""
-        return self._track(await asyncio.to_thread(self._sync.submit, model, data, **options))
+        self._listen()
+        return AsyncJob(self, await asyncio.to_thread(self._sync.submit, model, data, **options))
 
     async def submit_many(self, model: str, datas: Iterable[Any], **options: Any) -> list[AsyncJob]:
         """As ``Client.submit_many`` (same options and errors)."""
+        self._listen()
         jobs = await asyncio.to_thread(self._sync.submit_many, model, list(datas), **options)
-        return [self._track(job) for job in jobs]
+        return [AsyncJob(self, job) for job in jobs]
 
     async def predict(self, model: str, data: Any, *, timeout_s: float | None = 300.0, **options: Any) -> pa.Table:
         """Submit and wait: the outputs of ``model`` on ``data`` as one table."""
@@ -171,7 +196,7 @@ class AsyncClient:
 
     async def job(self, job_id: str) -> AsyncJob:
         """Re-attach to a job submitted earlier. Raises JobFailed when unknown."""
-        return self._track(await asyncio.to_thread(self._sync.job, job_id), listen=False)
+        return AsyncJob(self, await asyncio.to_thread(self._sync.job, job_id))
 
     async def purge(self, model: str) -> PurgeReport:
         """As ``Client.purge``."""
@@ -179,65 +204,33 @@ class AsyncClient:
 
     # -- internals -----------------------------------------------------------
 
-    def _track(self, job: Job, listen: bool = True) -> AsyncJob:
-        if job.unit not in self._waiters:  # the jobs of a pack share their pack's notice
-            self._waiters[job.unit] = self._early.pop(job.unit, {})
-            self._events[job.unit] = asyncio.Event()
-            if len(self._waiters[job.unit]) >= job.chunks:
-                self._events[job.unit].set()
-        if listen and self._listener is None:
-            self._listener = asyncio.create_task(self._listen(), name="hetbatch-replies")
-        return AsyncJob(self, job)
+    def _listen(self) -> None:
+        if self._listener is None and not self._stopping:
+            steps = listen_steps(self._inbox, self._reply_key, lambda: self._stopping)
+            self._listener = asyncio.create_task(arun(steps, self._do), name="hetbatch-replies")
 
-    async def _listen(self) -> None:
-        while not self._stopping:
-            try:
-                first = await self._redis.blpop([self._reply_key], timeout=_BLPOP_TIMEOUT_S)
-                if first is None:
-                    continue
-                self._deliver([cast(bytes, first[1])])  # before fetching more: a lone job's caller wakes now
-                while more := cast(list[bytes] | None, await self._redis.lpop(self._reply_key, 1024)):
-                    self._deliver(more)
-            except (aioredis.ConnectionError, aioredis.TimeoutError):
-                await asyncio.sleep(0.2)
-                continue
+    async def _collect(self, job: Job, timeout_s: float | None) -> dict[int, bytes]:
+        return await arun(collect_steps(self._inbox, self.keys, job, timeout_s), self._do)
 
-    def _deliver(self, batch: list[bytes]) -> None:
-        for raw in batch:
-            notice = decode_notice(raw)
-            # A notice can beat the registration of its job (submit returns after
-            # the publish); keep it until the job is tracked.
-            target = self._waiters.get(notice.job_id)
-            if target is None:
-                if len(self._early) >= _EARLY_MAX:  # notices of jobs read from their keys
-                    del self._early[next(iter(self._early))]
-                target = self._early.setdefault(notice.job_id, {})
-            target[notice.chunk] = notice.result
-            event = self._events.get(notice.job_id)
-            if event is not None:
-                event.set()
-
-    async def _collect(self, job: AsyncJob, timeout_s: float | None) -> dict[int, bytes]:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        unit = job.unit
-        payloads = self._waiters.setdefault(unit, {})
-        event = self._events.setdefault(unit, asyncio.Event())
-        while True:
-            missing = [c for c in range(job.chunks) if payloads.get(c) is None]
-            if missing:
-                stored = cast(list[bytes | None], await self._redis.mget([self.keys.result(unit, c) for c in missing]))
-                payloads.update({c: v for c, v in zip(missing, stored, strict=True) if v is not None})
-            if all(payloads.get(c) is not None for c in range(job.chunks)):
-                self._waiters.pop(unit, None)
-                self._events.pop(unit, None)
-                return {c: v for c, v in payloads.items() if v is not None}
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                done = job.chunks - len(missing)
-                raise JobTimeout(job.id, f"{done}/{job.chunks} chunks done after {timeout_s} s")
-            event.clear()
+    async def _do(self, step: Step) -> Any:
+        """Perform one step of ``producers.replies`` with ``redis.asyncio``."""
+        r = self._redis
+        if isinstance(step, Mget):
+            return await r.mget(step.keys)
+        if isinstance(step, Exists):
+            return await r.exists(step.key)
+        if isinstance(step, Blpop):
+            return await r.blpop([step.key], timeout=step.timeout_s)
+        if isinstance(step, Lpop):
+            return await r.lpop(step.key, step.count)
+        signal = self._inbox.signal(step.unit) if step.unit is not None else None
+        if isinstance(signal, asyncio.Event):
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout=1.0 if remaining is None else min(1.0, remaining))
+                await asyncio.wait_for(signal.wait(), timeout=step.seconds)
+            signal.clear()
+        else:
+            await asyncio.sleep(step.seconds)
+        return None
 
 
 async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:

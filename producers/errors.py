@@ -101,16 +101,26 @@ class PayloadError(HetbatchError):
 class PayloadTooLarge(PayloadError):
     """A payload is larger than max_payload_bytes."""
 
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(
-            f"payload of {size} bytes is over max_payload_bytes={limit}; "
-            f"submit smaller chunks (chunk_rows) or raise the limit on both sides"
-        )
+    def __init__(self, size: int, limit: int, row: int | None = None) -> None:
+        if row is None:
+            super().__init__(
+                f"payload of {size} bytes is over max_payload_bytes={limit}; "
+                f"submit smaller chunks (chunk_rows) or raise the limit on both sides"
+            )
+        else:  # the client cuts jobs by bytes: only a row that alone is too big fails
+            super().__init__(
+                f"row {row} of the input is {size} bytes ({size / 2**20:.1f} MiB), over "
+                f"max_payload_bytes={limit}; a row is never split: shrink it or raise the limit on both sides"
+            )
         self.size = size
         self.limit = limit
+        self.row = row
 
     def details(self) -> dict[str, Any]:
-        return {"size": self.size, "limit": self.limit}
+        out: dict[str, Any] = {"size": self.size, "limit": self.limit}
+        if self.row is not None:
+            out["row"] = self.row
+        return out
 
 
 class BrokerError(HetbatchError):

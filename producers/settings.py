@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from hetbatch.producers.protocol.keys import DEFAULT_PREFIX
+
 __all__ = ["DEFAULT_REDIS_URL", "ClientSettings", "env_overrides"]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -35,10 +37,16 @@ class ClientSettings:
 
     redis_url: str = DEFAULT_REDIS_URL
     """Broker and result store; ``rediss://`` and ``user:password@`` work."""
-    prefix: str = "hb"
+    prefix: str = DEFAULT_PREFIX
     """Prefix of every hetbatch key in Redis."""
     chunk_rows: int = 65_536
     """Rows per task for large jobs: big enough to amortize the ~1 ms task cost."""
+    chunk_bytes: int = 32 * 1024 * 1024
+    """Bytes per task for large jobs (``producers.chunking``): a task stops at ``chunk_rows``
+    rows or at this many bytes of input (or of expected output, when larger), whichever
+    comes first. 32 MiB keeps the per-task cost under 1 % (encoding it takes ~30 ms) while a
+    worker holding a task per thread stays within a few GiB; 1,000 images of 3x224x224
+    float32 go as 19 tasks, not one 602 MB payload over ``max_payload_bytes``."""
     inline_max_bytes: int = 8_192
     """Payloads up to this size ride inside the task message; larger ones by reference
     (``python -m bench.threshold``: inline wins below ~4 KiB, by reference from ~16 KiB)."""
@@ -58,6 +66,12 @@ class ClientSettings:
     them many at a time, at a fraction of the per-message cost, while a worker that
     drains that lane is alive (its heartbeat says so). 0 turns the lane off.
     Flower shows lane batches (``hetbatch.lane``), not each job."""
+
+    async_max_connections: int = 64
+    """Most Redis connections an ``AsyncClient`` opens; more concurrent awaits wait for a
+    free one (up to ``pool_timeout_s``) instead of failing."""
+    pool_timeout_s: float = 60.0
+    """Seconds an ``AsyncClient`` call waits for a free connection before a retry."""
 
     shm_dir: str = "/dev/shm"
     """Shared-memory folder: a job of at least ``shm_min_bytes`` goes through a file there

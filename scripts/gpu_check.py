@@ -9,14 +9,19 @@ It starts a private redis-server, a ``hetbatch worker --pool gpu --gpus 0`` and 
 ``hetbatch worker --pool cpu`` process, registers an MLP as TorchScript and as ONNX on
 both devices, and then:
 
-- checks every queue result against the same model's in-process output on that device;
-- confirms placement: the result's ``hetbatch.device``, the worker log's provider/device
-  lines, ``libcuda`` mapped in the gpu worker and not in the cpu worker;
-- sends one batch sized past the card's memory to a torch model and shows the
-  batcher halving it until it fits, with an exact result;
+- checks every queue result against the same model's in-process output on that device,
+  and the GPU output against the CPU output (max abs diff; ONNX with TF32 on and off);
+- confirms placement: the device the worker says ran each result (``hetbatch.device``),
+  the providers a session is actually active on, the worker log's provider/device lines,
+  ``libcuda`` mapped in the gpu worker and not in the cpu worker, and the GPU memory
+  each worker process holds (nvidia-smi);
+- sends one batch sized past the card's memory to a torch model, twice: the first is
+  halved until it fits, with an exact result; the second must meet no OOM at all (the
+  learned call size is kept);
 - prints rows/s through the queue and in-process, GPU beside CPU;
 - writes the figures as JSON to ``--out`` (default ``$OUT/gpu_check.json`` when ``$OUT``
-  is set, else ``./gpu_check.json``).
+  is set, else ``./gpu_check.json``), always, with the tail of every worker log, also
+  when setup fails; the worker logs are copied beside it.
 
 Without CUDA it says so and exits with status 2; ``--cpu-dry-run`` runs the plumbing on
 the CPU instead (gpu models with ``fallback = "cpu"``, no OOM step). Exit status 1 means
@@ -133,13 +138,16 @@ def build_models(directory: Path, features: int, hidden: int) -> dict[str, Path]
     return out
 
 
-def register(client: Any, artifact: Path, name: str, framework: str, device: str, features: int, **extra: Any) -> str:
+def register(
+    client: Any, artifact: Path, name: str, framework: str, device: str, features: int,
+    options: dict[str, Any] | None = None, **extra: Any,
+) -> str:  # fmt: skip
     from hetbatch.worker.modelops.registration import build_spec, write_config
 
     # TorchScript does not record shapes: state the input; a traced Sequential calls it "input".
     torch_only = framework == "torch"
     inputs = [{"name": "x", "dtype": "float32", "shape": [features]}] if torch_only else None
-    options = {"input_names": ["x"]} if torch_only else None
+    options = {**({"input_names": ["x"]} if torch_only else {}), **(options or {})} or None
     write_config(
         artifact.parent, name=name, framework=framework, artifact=artifact.name, inputs=inputs, options=options
     )
@@ -156,6 +164,7 @@ def in_process(spec: Any, device: str, x: np.ndarray) -> tuple[dict[str, Any], n
     facts: dict[str, Any] = {}
     if framework == "onnx":
         facts["provider"] = adapter.session.get_providers()[0]  # type: ignore[attr-defined]
+        facts["active_providers"] = list(adapter.session.get_providers())  # type: ignore[attr-defined]
     else:
         facts["tensor_device"] = str(next(iter(adapter.model.state_dict().values())).device)  # type: ignore[attr-defined]
     name = "output"
@@ -196,7 +205,7 @@ def oom_step(client: Any, ref: str, rows: int, log: Any) -> dict[str, Any]:
     from tests.kit.helpers import column
 
     got = column(table, "output")
-    halvings = [int(n) for n in re.findall(r"ran out of memory; retrying with (\d+) rows per call", log.output())]
+    halvings = [int(n) for _, n in re.findall(r"ran out of memory on (\d+) rows; (\d+) rows per call", log.output())]
     return {
         "rows": rows,
         "bytes_needed": rows * OOM_WIDTH * OOM_FANOUT * 4,
@@ -217,8 +226,24 @@ def run_step(report: dict[str, Any], name: str, step: Any, *args: Any) -> None:
         print(f"gpu_check: step {name} failed: {exc}", file=sys.stderr, flush=True)
 
 
+def gpu_memory_by_pid() -> dict[int, int]:
+    """MiB of GPU memory per process, as nvidia-smi reports it ({} without nvidia-smi)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    rows = [line.split(",") for line in out.splitlines() if line.strip()]
+    return {int(pid): int(mib) for pid, mib in rows if pid.strip().isdigit() and mib.strip().isdigit()}
+
+
 def step_frameworks(report: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """Each usable framework on the gpu and the cpu pool: rows/s, equality, the device that ran it."""
+    """Each usable framework on the gpu and the cpu pool: rows/s, equality, the device that
+    ran it, and GPU output against CPU output (ONNX also with TF32 off)."""
     client, args, x, gpu = ctx["client"], ctx["args"], ctx["x"], ctx["gpu"]
     machine = report["machine"]
     usable = {"torch": machine["torch_cuda"], "onnx": machine["ort_cuda"]}
@@ -228,15 +253,28 @@ def step_frameworks(report: dict[str, Any], ctx: dict[str, Any]) -> None:
             results[fw] = {"skipped": f"no CUDA for {fw} here (onnx needs onnxruntime-gpu)"}
             continue
         results[fw] = {}
-        for device in ("gpu", "cpu"):
+        outputs: dict[str, np.ndarray] = {}
+        # ORT's CUDA provider uses TF32 by default (about 1e-3 relative); torch's matmuls do not.
+        variants = [("cpu", None), ("gpu", None)] + ([("gpu-no-tf32", {"use_tf32": False})] if fw == "onnx" else [])
+        for label, options in variants:
+            device = label.split("-")[0]
             opts = {"max_batch_rows": BATCH_ROWS, **(ctx["extra"] if device == "gpu" else {})}
-            ref = register(client, ctx["paths"][f"mlp-{fw}"], f"mlp-{fw}-{device}", fw, device, args.features, **opts)
+            name = f"mlp-{fw}-{label}"
+            ref = register(client, ctx["paths"][f"mlp-{fw}"], name, fw, device, args.features, options, **opts)
             queue_facts, got = through_queue(client, ref, x)
             local_facts, want = in_process(client.spec(ref), gpu if device == "gpu" else "cpu", x)
             diff = float(np.abs(got - want).max())
-            results[fw][device] = {"queue": queue_facts, "in_process": local_facts, "max_abs_diff": diff}
-            report["checks"][f"{fw}.{device}.equal"] = diff <= 1e-5
-            report["checks"][f"{fw}.{device}.ran_on"] = queue_facts["ran_on"] == (gpu if device == "gpu" else "cpu")
+            outputs[label] = got
+            results[fw][label] = {"queue": queue_facts, "in_process": local_facts, "max_abs_diff": diff}
+            if label != "cpu":
+                vs_cpu = float(np.abs(got - outputs["cpu"]).max())
+                results[fw][label]["gpu_vs_cpu_max_abs_diff"] = vs_cpu
+                # Stated tolerance: TF32 keeps 10 mantissa bits; without it float32 sums differ in order only.
+                tolerance = 5e-2 if label == "gpu" and fw == "onnx" else 1e-3
+                results[fw][label]["gpu_vs_cpu_tolerance"] = tolerance
+                report["checks"][f"{fw}.{label}.close_to_cpu"] = vs_cpu <= tolerance
+            report["checks"][f"{fw}.{label}.equal"] = diff <= 1e-5
+            report["checks"][f"{fw}.{label}.ran_on"] = queue_facts["ran_on"] == (gpu if device == "gpu" else "cpu")
 
 
 def step_placement(report: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -247,6 +285,8 @@ def step_placement(report: dict[str, Any], ctx: dict[str, Any]) -> None:
         "log_onnx_on_cuda": "runs on CUDAExecutionProvider" in gpu_log,
         "gpu_worker_maps_libcuda": maps_libcuda(ctx["gpu_worker"].proc.pid),
         "cpu_worker_maps_libcuda": maps_libcuda(ctx["cpu_worker"].proc.pid),
+        "gpu_memory_mib_by_pid": gpu_memory_by_pid(),
+        "gpu_worker_pid": ctx["gpu_worker"].proc.pid,
     }
     report["placement"] = placement
     report["checks"]["cpu_worker_without_cuda"] = placement["cpu_worker_maps_libcuda"] is False
@@ -269,6 +309,10 @@ def step_oom(report: dict[str, Any], ctx: dict[str, Any]) -> None:
     ref = register(client, ctx["paths"]["oom"], "oom", "torch", "gpu", OOM_WIDTH, max_batch_rows=rows)
     oom = report["oom"] = oom_step(client, ref, rows, ctx["gpu_worker"])
     report["checks"]["oom_halved_and_exact"] = bool(oom["halved_to_rows"]) and oom["exact"] and oom["ran_on"] == "gpu"
+    again = report["oom_second_job"] = oom_step(client, ref, rows, ctx["gpu_worker"])
+    # The same job again: the learned call size is kept, so no new halving may appear.
+    report["checks"]["oom_learned"] = again["halved_to_rows"] == oom["halved_to_rows"] and again["exact"]
+    report["gpu_memory_mib_after_oom"] = gpu_memory_by_pid()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,10 +341,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = args.rows or (16_384 if args.cpu_dry_run else 131_072)
     work = Path(tempfile.mkdtemp(prefix="hetbatch-gpu-check-"))
-    server = RedisServer()
-    client = Client.from_url(server.url)
+    server: Any = None
+    client: Any = None
     workers: list[WorkerProcess] = []
     try:
+        server = RedisServer()
+        client = Client.from_url(server.url)
         ctx: dict[str, Any] = {
             "args": args,
             "client": client,
@@ -323,14 +369,27 @@ def main(argv: list[str] | None = None) -> int:
         logs = "\n".join(w.output() for w in workers)
         report["worker_errors"] = [line for line in logs.splitlines() if "ERROR" in line][:20]
         report["checks"]["workers_alive"] = all(w.alive() for w in workers)
+    except BaseException as exc:  # setup failed (or Ctrl-C): the JSON and the logs still come out
+        report["checks"]["setup"] = False
+        report["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        print(f"gpu_check: setup failed: {report['error']}", file=sys.stderr, flush=True)
     finally:
-        client.close()
+        report["worker_logs"] = {w.log.name: w.output()[-4000:] for w in workers}
+        for closing in [client, *workers, server]:
+            try:
+                if closing is not None:
+                    closing.close() if closing is client else closing.stop()
+            except Exception as exc:  # a failed stop must not lose the report
+                print(f"gpu_check: could not stop {closing!r}: {exc}", file=sys.stderr)
         for w in workers:
-            w.stop()
-        server.stop()
-    report["wall_s"] = round(time.perf_counter() - began, 1)
-    report["ok"] = all(report["checks"].values())
-    out_path.write_text(json.dumps(report, indent=2))
+            try:
+                (out_path.parent / w.log.name).write_bytes(w.log.read_bytes())
+            except OSError:
+                pass
+        report["wall_s"] = round(time.perf_counter() - began, 1)
+        report["ok"] = bool(report["checks"]) and all(report["checks"].values())
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=2))
     print_summary(report, out_path)
     return 0 if report["ok"] else 1
 
@@ -354,6 +413,8 @@ def print_summary(report: dict[str, Any], out_path: Path) -> None:
             f"\nOOM: {o['rows']} rows needing {o['bytes_needed'] / 2**30:.0f} GiB -> halved to {o['halved_to_rows']} "
             f"rows per call, exact={o['exact']}, on {o['ran_on']}, {o['seconds']} s"
         )
+    if "oom_second_job" in report:
+        print(f"OOM, same job again: halvings {report['oom_second_job']['halved_to_rows']} (must equal the first's)")
     if "placement" in report:
         print(f"placement: {report['placement']}")
     failed = [k for k, v in report["checks"].items() if not v]

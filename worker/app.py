@@ -1,34 +1,50 @@
-"""The worker's Celery app: JSON only, late acks, one predict task."""
+"""The worker's Celery app: JSON only, late acks, the predict and fusion tasks.
+
+The app only configures Celery and routes its two tasks to a ``Tasks`` object
+(``worker.process.WorkerProcess`` in a worker); it starts nothing and connects no signal.
+"""
 
 from __future__ import annotations
 
-import gc
 import logging
-import threading
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from celery import Celery
 from celery.exceptions import Reject
-from celery.signals import worker_ready, worker_shutdown
-from kombu import Exchange, Queue
 
-from hetbatch.producers.protocol.kombu import TRANSPORT_OPTIONS
+from hetbatch.producers.protocol.connect import connect
+from hetbatch.producers.protocol.keys import Keys
+from hetbatch.producers.protocol.kombu import (
+    guarded_strategy,
+    patch_worker_transport,
+    task_queues,
+    worker_transport_options,
+)
 from hetbatch.producers.protocol.wire import CELERY_WIRE_CONFIG, FUSE_TASK_NAME, TASK_NAME
-from hetbatch.worker.ensemble import EnsembleRunner
-from hetbatch.worker.lane import Lane, drains_lane
-from hetbatch.worker.runtime import Runtime
+from hetbatch.worker.ops.dlq import DeadLetters
+from hetbatch.worker.request import RedactedRequest
 from hetbatch.worker.settings import WorkerSettings
-from hetbatch.worker.transport import reuse_redis_clients
-from hetbatch.worker.watchdog import Watchdog
 
-__all__ = ["make_app"]
+__all__ = ["Tasks", "make_app"]
 
 log = logging.getLogger(__name__)
 
+# A task class attribute: static, or Celery would call it as a method of the task.
+_STRATEGY = staticmethod(guarded_strategy)
 
-def make_app(settings: WorkerSettings) -> Celery:
-    """A Celery app consuming ``settings.queue_names``.
+
+class Tasks(Protocol):
+    """What the app's tasks call (``worker.process.WorkerProcess``)."""
+
+    def predict(self, body: Any) -> dict[str, Any]: ...
+
+    def fuse(self, body: Any) -> dict[str, Any]: ...
+
+
+def make_app(settings: WorkerSettings, tasks: Tasks | None = None) -> Celery:
+    """A Celery app consuming ``settings.queue_names``; with ``tasks``, its predict and
+    fusion tasks call them (without, e.g. for Flower, the app only knows the broker).
 
     At-least-once: acks after the task (``acks_late``), rejects (requeues) when the
     worker process dies mid-task, and redelivers unacked messages after
@@ -36,7 +52,9 @@ def make_app(settings: WorkerSettings) -> Celery:
     Results are idempotent, so a redelivery is harmless. A task that fails because Redis
     went away is requeued, not acked.
     """
-    reuse_redis_clients()
+    # A message of our queues that kombu or Celery cannot take is dead-lettered, not fatal.
+    dead_letters = DeadLetters(connect(settings.redis_url), Keys(settings.prefix), result_ttl_s=settings.result_ttl_s)
+    patch_worker_transport(settings.queue_names, dead_letters.bury_raw)
     if not settings.task_log:  # Celery's two INFO lines per task; warnings and errors still show
         for name in ("celery.worker.strategy", "celery.app.trace"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -53,71 +71,27 @@ def make_app(settings: WorkerSettings) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout_s,
-            "unacked_restore_interval": settings.restore_interval_s,
-            "unacked_restore_throttle": 1,
-            "unacked_mutex_expire": max(10, settings.restore_interval_s * 4),
-            **TRANSPORT_OPTIONS,
-        },
-        task_queues=[Queue(q, Exchange(q), routing_key=q) for q in settings.queue_names],
+        broker_transport_options=worker_transport_options(
+            visibility_timeout_s=settings.visibility_timeout_s, restore_interval_s=settings.restore_interval_s
+        ),
+        task_queues=task_queues(settings.queue_names),
         task_create_missing_queues=True,
     )
-    state: dict[str, Runtime] = {}
-    ensembles: dict[str, EnsembleRunner] = {}
-    lock = threading.Lock()
+    if tasks is not None:
+        _add_tasks(app, tasks)
+    return app
 
-    def send(name: str, queue: str, body: dict[str, Any], priority: int) -> None:
-        app.send_task(name, args=[body], queue=queue, priority=priority, retry=True)
 
-    def runtime() -> Runtime:
-        rt = state.get("rt")
-        if rt is None:
-            with lock:
-                rt = state.get("rt")
-                if rt is None:
-                    rt = Runtime(settings)
-                    ensembles["runner"] = EnsembleRunner(rt, send)
-                    rt.after_store.append(ensembles["runner"].on_stored)
-                    state["rt"] = rt
-        return rt
-
-    @app.task(name=TASK_NAME, ignore_result=True)  # type: ignore[untyped-decorator]
+def _add_tasks(app: Celery, tasks: Tasks) -> None:
+    # RedactedRequest: `celery inspect active` shows model, job id and rows, never a payload.
+    @app.task(name=TASK_NAME, ignore_result=True, Request=RedactedRequest, Strategy=_STRATEGY)  # type: ignore[untyped-decorator]
     def predict(envelope: Any) -> dict[str, Any]:
         try:
-            return runtime().handle(envelope)
+            return tasks.predict(envelope)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Not the job's fault: keep the message (acking it here would lose the job).
             raise Reject(f"Redis unavailable: {exc}", requeue=True) from exc
 
-    watchdog = Watchdog(settings)
-    lanes: list[Lane] = []
-
-    @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
-    def _start_watchdog(sender: Any = None, **_: Any) -> None:
-        watchdog.start()
-        if drains_lane(settings, getattr(sender, "pool", None)):
-            events = getattr(sender, "event_dispatcher", None)  # sender: the worker's consumer
-            lane = Lane(
-                runtime(), settings.queue_names, batch=settings.lane_batch, slots=settings.lane_slots, events=events
-            )
-            lanes.append(lane.start())
-        elif settings.lane_slots > 0:
-            log.warning("lane off: with the prefork pool its batches would run in the parent process")
-        # Start-up's objects (modules, the app) live as long as the worker: a full
-        # collection that walks them all stalls every thread for 40-60 ms.
-        gc.freeze()
-
-    @worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
-    def _stop_watchdog(**_: Any) -> None:
-        for lane in lanes:
-            lane.stop()
-        watchdog.stop()
-
-    @app.task(name=FUSE_TASK_NAME, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=FUSE_TASK_NAME, ignore_result=True, Request=RedactedRequest, Strategy=_STRATEGY)  # type: ignore[untyped-decorator]
     def fuse(continuation: Any) -> dict[str, Any]:
-        runtime()
-        return ensembles["runner"].handle(continuation)
-
-    app.hetbatch_runtime = runtime  # for tests and status
-    return app
+        return tasks.fuse(continuation)

@@ -4,7 +4,10 @@ Requests for the same model that arrive within ``max_delay_ms`` of the first are
 merged into one call of at most ``max_batch_rows`` rows (a larger request is cut).
 Outputs are split back by row ranges; each output must have exactly as many rows as
 the merged input. A failing merged call is bisected, so only the request that makes
-the model raise fails. An out-of-memory error halves the rows per call and retries.
+the model raise fails. An out-of-memory error halves the rows per call and retries; the
+halved size is kept for the model's later calls (an identical job does not pay the same
+chain of OOMs again), and doubled back only after many clean calls at the learned size.
+A sticky device error is handed to ``on_fatal`` (the worker exits; its jobs are redelivered).
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hetbatch.adapters.base import PredictError
+from hetbatch.adapters.errors import DeviceFailed, PredictError, is_oom
 
-__all__ = ["Arrays", "Arrivals", "BatchStats", "Batcher", "Request", "is_oom", "merge", "split"]
+__all__ = ["Arrays", "Arrivals", "BatchStats", "Batcher", "CallSize", "Request", "is_oom", "merge", "split"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class BatchStats:
     busy_s: float = 0.0
     """Time some call of this model ran, accrued since the previous batch's stats (with
     several instances, calls overlap: the sum of compute_s counts that time twice)."""
+    padded_fraction: float | None = None
+    """For a model with ragged inputs: padded elements / all elements its calls got."""
 
 
 class Arrivals:
@@ -99,18 +104,48 @@ def split(outputs: Mapping[str, np.ndarray], slices: Sequence[slice]) -> list[Ar
     return [{n: a[s] for n, a in outputs.items()} for s in slices]
 
 
-def is_oom(exc: BaseException) -> bool:
-    """Out of memory, on the host or on a device, whatever the framework."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ in ("OutOfMemoryError", "ResourceExhaustedError"):
-        return True
-    text = str(exc).lower()
-    return "out of memory" in text or "failed to allocate memory" in text
-
-
 def _concat(parts: list[Arrays]) -> Arrays:
     if len(parts) == 1:
         return parts[0]
     return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+
+
+class CallSize:
+    """The rows per model call a model can take, learned from its out-of-memory errors.
+
+    Starts at ``limit``. An OOM at ``rows`` sets it to half of them, and it stays there:
+    memory use depends on the rows, so the next job of the same size would meet the same
+    OOM. After ``probe_after`` clean calls that used the whole learned size, it doubles
+    (up to ``limit``) to try again: the OOM may have come from memory that another model
+    held for a while. A probe that fails doubles the clean calls the next probe waits for.
+    """
+
+    def __init__(self, limit: int, probe_after: int = 1000) -> None:
+        self.limit = max(1, limit)
+        self.rows = self.limit
+        self.probe_after = probe_after
+        self._clean = 0
+        self._probing = False
+        self._lock = threading.Lock()
+
+    def out_of_memory(self, rows: int) -> int:
+        """Record an OOM on a call of ``rows`` rows; returns the new (smaller) size."""
+        with self._lock:
+            self.rows = max(1, min(self.rows, rows) // 2)
+            if self._probing:
+                self.probe_after *= 2
+            self._clean, self._probing = 0, False
+            return self.rows
+
+    def succeeded(self, rows: int) -> None:
+        """Record a clean call of ``rows`` rows (only full-size calls count towards a probe)."""
+        with self._lock:
+            if rows < self.rows or self.rows >= self.limit:
+                return
+            self._probing = False
+            self._clean += 1
+            if self._clean >= self.probe_after:
+                self.rows, self._clean, self._probing = min(self.limit, self.rows * 2), 0, True
 
 
 class Batcher:
@@ -126,6 +161,10 @@ class Batcher:
             CPU, two single-threaded calls keep both cores busy where one two-threaded call
             stalls whenever another process takes one of its cores.
         merge: coalesce requests (off for a model whose rows affect each other's outputs).
+        padded: the padded fraction of the model calls this thread made since it last
+            asked (``worker.ragged.RaggedCall.take_padded_fraction``), for the stats.
+        on_fatal: called with a ``DeviceFailed`` error (the device is unusable for this
+            process); the failing requests are left unanswered (expected not to return).
     """
 
     def __init__(
@@ -139,9 +178,14 @@ class Batcher:
         incoming: Callable[[], int] | None = None,
         instances: int = 1,
         merge: bool = True,
+        padded: Callable[[], float | None] | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._predict = predict
+        self._padded = padded
         self.max_batch_rows = max(1, max_batch_rows)
+        self.call_size = CallSize(self.max_batch_rows)
+        self._on_fatal = on_fatal
         self.max_delay_s = max(0.0, max_delay_ms) / 1000.0
         self.name = name
         self._on_batch = on_batch
@@ -276,6 +320,9 @@ class Batcher:
             outputs = split(self._call(merged, slices[-1].stop), slices)
         except Exception as exc:
             self._tick(-1)
+            if isinstance(exc, DeviceFailed) and self._on_fatal is not None:
+                self._on_fatal(exc)  # the worker exits: these requests' jobs are redelivered
+                return
             if len(batch) > 1:
                 mid = len(batch) // 2
                 log.info("batch of %d requests for %s failed (%s); bisecting", len(batch), self.name, exc)
@@ -289,22 +336,25 @@ class Batcher:
             req.future.set_result(out)
         if self._on_batch is not None:
             wait = started - min(r.enqueued for r in batch)
-            self._on_batch(BatchStats(slices[-1].stop, len(batch), wait, compute, busy))
+            padded = self._padded() if self._padded is not None else None
+            self._on_batch(BatchStats(slices[-1].stop, len(batch), wait, compute, busy, padded))
 
     def _call(self, merged: Mapping[str, np.ndarray], rows: int) -> Arrays:
-        """Run the model in pieces of at most max_batch_rows, halving them on OOM."""
-        step, start, parts = self.max_batch_rows, 0, []
+        """Run the model in pieces of the learned call size, halving it on OOM (and keeping it)."""
+        start, parts = 0, []
         while start < rows:
-            piece = merged if (start == 0 and rows <= step) else {n: a[start : start + step] for n, a in merged.items()}
+            step = self.call_size.rows
+            n = min(step, rows - start)
+            piece = merged if (start == 0 and rows <= step) else {k: a[start : start + n] for k, a in merged.items()}
             try:
                 out = self._predict(piece)
             except Exception as exc:
-                if not is_oom(exc) or step == 1:
+                if not is_oom(exc) or n == 1:
                     raise
-                step = max(1, min(step, rows - start) // 2)
-                log.warning("%s ran out of memory; retrying with %d rows per call", self.name, step)
+                smaller = self.call_size.out_of_memory(n)
+                log.warning("%s ran out of memory on %d rows; %d rows per call from now on", self.name, n, smaller)
                 continue
-            n = min(step, rows - start)
+            self.call_size.succeeded(n)
             parts.append(split(out, [slice(0, n)])[0])
             start += n
         return _concat(parts)

@@ -1,7 +1,7 @@
 """Running ensembles on workers: count member completions, fuse, store, hand on.
 
 Member tasks are ordinary predict tasks whose envelope carries a ``Continuation``.
-After a member's result is stored, ``on_stored`` adds the item to the chunk's
+After a member's result is stored, ``on_stored`` (an after-store hook of the runtime) adds the item to the chunk's
 completion set in one Lua call; the call that completes the set enqueues the fusion
 task on ``fusion.cpu``. The fusion task reads the members' stored results from Redis
 (so they survive the death of a fusion worker: ``acks_late`` redelivers the task and
@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import redis
 
-from hetbatch.producers.errors import JobExpired, JobLost, PayloadError, RemoteError
+from hetbatch.producers.errors import ConfigError, JobExpired, JobLost, PayloadError, RemoteError
 from hetbatch.producers.protocol.ensemble import (
     Continuation,
     EnsembleSpec,
@@ -37,6 +37,7 @@ from hetbatch.producers.protocol.ensemble import (
 )
 from hetbatch.producers.protocol.registry import parse_ref
 from hetbatch.producers.protocol.schema import arrays_to_table, to_table
+from hetbatch.producers.protocol.scripts import script
 from hetbatch.producers.protocol.wire import (
     FUSE_TASK_NAME,
     FUSION_QUEUE,
@@ -48,7 +49,8 @@ from hetbatch.producers.protocol.wire import (
     encode_result,
 )
 from hetbatch.worker.fusion import MemberOutput, fuse
-from hetbatch.worker.results import Outcome
+from hetbatch.worker.hooks import Finished, Hook
+from hetbatch.worker.results import Outcome, library_error
 from hetbatch.worker.runtime import Runtime
 
 __all__ = ["EnsembleRunner", "Send", "result_arrays"]
@@ -58,13 +60,6 @@ log = logging.getLogger(__name__)
 # (task name, queue, body, priority): publishes one task; the Celery app provides it.
 Send = Callable[[str, str, dict[str, Any], int], None]
 
-# KEYS[1]: the chunk stage's completion set. ARGV: member item id, slots expected, ttl ms.
-_DONE = """
-redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 1 end
-return 0
-"""
 _PARALLEL = ("mean", "weighted_mean", "vote")  # the strategies a quorum applies to
 
 
@@ -83,22 +78,27 @@ def result_arrays(table: pa.Table) -> dict[str, np.ndarray]:
     return out
 
 
-class EnsembleRunner:
-    """The ensemble side of a worker process; shares the process's ``Runtime``."""
+class EnsembleRunner(Hook):
+    """The ensemble side of a worker process; shares the process's ``Runtime``, and is
+    one of its hooks (hands each stored member result on)."""
 
     def __init__(self, runtime: Runtime, send: Send) -> None:
         self.rt = runtime
         self.redis = runtime.redis
         self.keys = runtime.keys
         self._send = send
-        self._done = self.redis.register_script(_DONE)
+        self._done = script(self.redis, "ensemble_done")
         self._ttl_s = runtime.settings.result_ttl_s
         self._ensembles: dict[str, EnsembleSpec] = {}
 
     def _done_key(self, job_id: str, stage: int, chunk: int) -> str:
-        return f"{self.keys.prefix}:ens:{job_id}:{stage}:{chunk}"
+        return self.keys.stage(job_id, stage, chunk)
 
     # -- after a member result is stored -------------------------------------------
+
+    def after_store(self, finished: Finished) -> None:
+        for env, _ in finished:
+            self.on_stored(env)
 
     def on_stored(self, env: TaskEnvelope) -> None:
         """Runtime hook: every item of ``env`` has a stored result (new or from before)."""
@@ -132,10 +132,11 @@ class EnsembleRunner:
             if cont.stage < spec.final_stage:
                 return self._next_stage(spec, cont, members)
             outcome = Outcome(cont.job_id, cont.chunk, encode_result(self._result(spec, cont, members)))
-        except redis.RedisError:
+        except (redis.ConnectionError, redis.TimeoutError):
             raise  # not the job's fault: fail the task, keep the job pending
-        except Exception as exc:
-            outcome = Outcome(cont.job_id, cont.chunk, encode_error(RemoteError.from_exception(exc)))
+        except Exception as exc:  # the members' outputs do not fit the strategy, or a stored value is not ours
+            error = RemoteError.from_exception(library_error(exc, ConfigError))
+            outcome = Outcome(cont.job_id, cont.chunk, encode_error(error))
         self.rt.writer.write([outcome], cont.reply_to)
         self._cleanup(spec, cont)
         return {"ensemble": cont.ensemble, "chunk": cont.chunk, "failed": int(outcome.result[:1] == b"E")}

@@ -11,6 +11,11 @@ Never lost: the ledger recorded each job before it was published. A worker that 
 stops renewing its held lists; once they expire, the reconciler finds the jobs neither
 queued nor held nor answered and publishes them again (as Celery tasks). A batch that
 meets a Redis error goes back onto its lane.
+
+Never stopped by what it pops: an entry that is not an envelope (not JSON, the wrong
+shape, over the size limit) names no job to answer, so it is dead-lettered raw
+(``DeadLetters.bury_raw``: capped bytes, the reason, the lane) and the batch goes on;
+an error the loop itself meets is logged and the loop goes on.
 """
 
 from __future__ import annotations
@@ -27,14 +32,16 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
+from hetbatch.producers.errors import PayloadError
 from hetbatch.producers.protocol.connect import connect
-from hetbatch.producers.protocol.kombu import lane_list
+from hetbatch.producers.protocol.keys import lane_list
+from hetbatch.producers.protocol.wire import TaskEnvelope
 from hetbatch.worker.settings import WorkerSettings
 
 if TYPE_CHECKING:  # the reconciler imports this module without the model stack
     from hetbatch.worker.runtime import Runtime
 
-__all__ = ["LANE_TASK", "Lane", "drains_lane", "held_index", "held_key"]
+__all__ = ["LANE_TASK", "Lane", "decode_entry", "drains_lane"]
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +55,19 @@ def drains_lane(settings: WorkerSettings, pool: object) -> bool:
     return settings.lane_slots > 0 and "prefork" not in type(pool).__module__
 
 
-def held_key(prefix: str, worker: str, slot: int) -> str:
-    """The list holding the envelopes a worker's lane slot is running."""
-    return f"{prefix}:lane:held:{worker}:{slot}"
+def decode_entry(raw: bytes, max_bytes: int) -> TaskEnvelope:
+    """The envelope a lane entry holds.
 
-
-def held_index(prefix: str) -> str:
-    """Hash: held list -> until when (unix ms) its worker vouches for it. The reconciler
-    reads it instead of scanning for held lists (SCAN is not among the ACL's commands)."""
-    return f"{prefix}:lane:held"
+    Raises:
+        PayloadError: the entry is over ``max_bytes``, not JSON, or not an envelope.
+    """
+    if len(raw) > max_bytes:
+        raise PayloadError(f"lane entry of {len(raw)} bytes is over the {max_bytes}-byte limit")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise PayloadError(f"lane entry is not JSON: {exc}") from exc
+    return TaskEnvelope.from_dict(body)
 
 
 class Lane:
@@ -77,13 +88,15 @@ class Lane:
         self.lists = [lane_list(q) for q in queues]
         self.batch = batch
         self.hold_ms = runtime.settings.visibility_timeout_s * 1000
+        # An inline payload rides base64 in the entry: 4/3 of the payload limit, plus the envelope.
+        self._max_entry = runtime.settings.max_payload_bytes * 4 // 3 + 65_536
         # Its own connection: BLMPOP blocks it for up to a second.
         self._conn = connect(runtime.settings.redis_url)
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for slot in range(slots):
             self._free.put(slot)
         self._held: dict[int, str] = {}  # busy slot -> its held list
-        self._index = held_index(runtime.keys.prefix)
+        self._index = runtime.keys.held_index()
         self._pool = ThreadPoolExecutor(slots, thread_name_prefix="hetbatch-lane")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="hetbatch-lane", daemon=True)
@@ -109,54 +122,66 @@ class Lane:
                 self._renew()
                 continue
             try:
-                got = cast(
-                    list[Any] | None,
-                    self._conn.blmpop(1, len(self.lists), *self.lists, direction="RIGHT", count=self.batch),
-                )
-            except redis.RedisError as exc:  # down, or refused (an ACL without BLMPOP): keep trying, slowly
-                failures += 1
-                if failures in (1, 10) or failures % 100 == 0:
-                    log.warning("lane: cannot take jobs from %s (%s); retrying", ", ".join(self.lists), exc)
-                self._free.put(slot)
-                self._stop.wait(min(30.0, 0.5 * failures))
-                continue
-            failures = 0
-            if not got:
-                self._free.put(slot)
-                self._renew()
-                continue
-            source, raws = got[0].decode(), cast(list[bytes], got[1])
-            held = held_key(self.rt.keys.prefix, self.rt.worker_id, slot)
-            try:
-                pipe = self._conn.pipeline(transaction=False)
-                pipe.rpush(held, *raws)
-                pipe.pexpire(held, self.hold_ms)
-                pipe.hset(self._index, held, self._until())
-                pipe.execute()
-            except redis.RedisError as exc:  # still runs; the ledger covers the jobs if this worker dies
-                log.warning("lane: could not record %d held jobs: %s", len(raws), exc)
-            self._held[slot] = held
-            self._pool.submit(self._run, slot, source, raws)
+                failures = self._take(slot, failures)
+            except Exception:  # the lane outlives any one failure; the ledger covers its jobs
+                log.exception("lane: taking a batch failed; going on")
+                if slot not in self._held:
+                    self._free.put(slot)
+                self._stop.wait(1.0)
+
+    def _take(self, slot: int, failures: int) -> int:
+        """Pop one batch into ``slot`` and start it; returns the count of failed pops in a row."""
+        try:
+            got = cast(
+                list[Any] | None,
+                self._conn.blmpop(1, len(self.lists), *self.lists, direction="RIGHT", count=self.batch),
+            )
+        except redis.RedisError as exc:  # down, or refused (an ACL without BLMPOP): keep trying, slowly
+            failures += 1
+            if failures in (1, 10) or failures % 100 == 0:
+                log.warning("lane: cannot take jobs from %s (%s); retrying", ", ".join(self.lists), exc)
+            self._free.put(slot)
+            self._stop.wait(min(30.0, 0.5 * failures))
+            return failures
+        if not got:
+            self._free.put(slot)
             self._renew()
+            return 0
+        source, raws = got[0].decode(), cast(list[bytes], got[1])
+        held = self.rt.keys.held(self.rt.worker_id, slot)
+        try:
+            pipe = self._conn.pipeline(transaction=False)
+            pipe.rpush(held, *raws)
+            pipe.pexpire(held, self.hold_ms)
+            pipe.hset(self._index, held, self._until())
+            pipe.execute()
+        except redis.RedisError as exc:  # still runs; the ledger covers the jobs if this worker dies
+            log.warning("lane: could not record %d held jobs: %s", len(raws), exc)
+        self._held[slot] = held
+        self._pool.submit(self._run, slot, source, raws)
+        self._renew()
+        return 0
 
     def _run(self, slot: int, source: str, raws: list[bytes]) -> None:
         held, batch_id, started = self._held[slot], str(uuid.uuid4()), time.monotonic()
         self._event("task-received", uuid=batch_id, name=LANE_TASK, args=f"{len(raws)} jobs from {source}", kwargs="{}")
         self._event("task-started", uuid=batch_id, pid=os.getpid())
+        good = raws  # what goes back to the lane if Redis fails
         try:
-            bodies = []
-            for raw in raws:
-                try:
-                    bodies.append(json.loads(raw))
-                except ValueError:
-                    log.error("lane: dropped an entry of %s that is not JSON (%d bytes)", source, len(raw))
-            summary = self.rt.handle_many(bodies)
+            envs, good = self._decode(source, raws)
+            try:
+                summary = self.rt.handle_many(envs)
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise
+            except Exception:
+                log.exception("lane: a batch of %d from %s failed; running its jobs one at a time", len(envs), source)
+                summary = self._one_at_a_time(envs)
             self._release(held)
             self._event("task-succeeded", uuid=batch_id, result=repr(summary), runtime=time.monotonic() - started)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Not the jobs' fault: put them back where the next pop finds them first.
             log.warning("lane: Redis failed during a batch of %d (%s); returning it to %s", len(raws), exc, source)
-            self._release(held, back=(source, raws))
+            self._release(held, back=(source, good) if good else None)
             self._event("task-retried", uuid=batch_id, exception=repr(exc), traceback="")
         except Exception as exc:
             # Unanswered jobs are published again by the reconciler, up to max_attempts.
@@ -166,6 +191,44 @@ class Lane:
         finally:  # only now: the slot's next batch reuses the held list's name
             self._held.pop(slot, None)
             self._free.put(slot)
+
+    def _one_at_a_time(self, envs: list[TaskEnvelope]) -> dict[str, Any]:
+        """Run each envelope alone; one that still fails is dead-lettered (its jobs get a
+        ``PoisonJob`` error now rather than after the reconciler's attempts).
+
+        Raises:
+            redis.ConnectionError, redis.TimeoutError: Redis failed (the batch goes back).
+        """
+        dead = 0
+        for env in envs:
+            try:
+                self.rt.handle_many([env])
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise
+            except Exception as exc:
+                log.exception("lane: %s failed alone; dead-lettering it", env.describe())
+                self.rt.dead_letters.bury(env, 0, f"the worker failed on it: {type(exc).__name__}: {exc}")
+                dead += 1
+        return {"tasks": len(envs), "dead_lettered": dead}
+
+    def _decode(self, source: str, raws: list[bytes]) -> tuple[list[TaskEnvelope], list[bytes]]:
+        """The envelopes of ``raws`` and their entries; every other entry is dead-lettered raw.
+
+        Raises:
+            redis.RedisError: a dead letter could not be written.
+        """
+        envs: list[TaskEnvelope] = []
+        good: list[bytes] = []
+        for raw in raws:
+            try:
+                envs.append(decode_entry(raw, self._max_entry))
+                good.append(raw)
+            except Exception as exc:  # PayloadError, or anything a hostile entry finds
+                reason = str(exc) if isinstance(exc, PayloadError) else f"{type(exc).__name__}: {exc}"
+                task_id = self.rt.dead_letters.bury_raw(raw, f"not a task envelope: {reason}", source)
+                log.error("lane: an entry of %s (%d bytes) is not an envelope; dead-lettered as %s: %s",
+                          source, len(raw), task_id, reason[:200])  # fmt: skip
+        return envs, good
 
     def _event(self, kind: str, **fields: Any) -> None:
         if self._events is None:

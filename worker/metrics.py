@@ -4,7 +4,9 @@ Counted as tasks finish: jobs (job chunks) and rows by model and outcome (``ok``
 ``error``, ``expired``), errors by model and type, and per model call the formed batch
 (rows, coalesced requests), the batcher wait of its oldest request and the compute
 time. Read at scrape time: model load times and the depth of each of the worker's
-queues, every priority list of it counted (``priority`` is kombu's step, 0 highest).
+queues, every priority list of it counted (``priority`` is kombu's step, 0 highest), and
+each queue's backlog of unfinished jobs by state (``hetbatch_backlog``, the autoscaling
+signal: ``worker.ops.backlog``).
 Time spent in the broker queue before a worker took the task is not measured here;
 the queue depth is the signal for that.
 """
@@ -19,9 +21,12 @@ from typing import Any
 import redis
 
 from hetbatch.producers.errors import ConfigError
+from hetbatch.producers.protocol.keys import Keys
+from hetbatch.producers.protocol.kombu import queue_depths
 from hetbatch.worker.batching import BatchStats
+from hetbatch.worker.hooks import Finished, Hook
 from hetbatch.worker.models import LoadedModel
-from hetbatch.worker.ops.status import queue_depths
+from hetbatch.worker.ops.backlog import metric_families
 from hetbatch.worker.results import Done
 from hetbatch.worker.settings import WorkerSettings
 
@@ -35,10 +40,13 @@ _PORTS_TRIED = 16  # several processes on one host (--gpus 0,1) take the next fr
 
 
 class _Live:
-    """A collector read at scrape time: queue depths and model load times."""
+    """A collector read at scrape time: queue depths, backlogs and model load times."""
 
-    def __init__(self, client: redis.Redis, queues: Sequence[str], loaded: Callable[[], list[LoadedModel]]) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, queues: Sequence[str], loaded: Callable[[], list[LoadedModel]]
+    ) -> None:
         self._client = client
+        self._keys = keys
         self._queues = list(queues)
         self._loaded = loaded
 
@@ -55,14 +63,20 @@ class _Live:
         except redis.RedisError as exc:
             log.warning("queue depth not read: %s", exc)
         yield depth
+        yield from self._backlog()
         load = GaugeMetricFamily("hetbatch_model_load_seconds", "Time the model took to load", labels=["model"])
         for model in self._loaded():
             load.add_metric([model.spec.ref], model.load_s)
         yield load
 
+    def _backlog(self) -> list[Any]:
+        # The autoscaling signal (worker.ops.backlog): the same value from every worker of
+        # a queue, so dashboards and scalers take max() across workers, never sum().
+        return metric_families(self._client, self._keys, self._queues)
 
-class WorkerMetrics:
-    """The worker's metrics; every method is a no-op when ``metrics_port`` is 0.
+
+class WorkerMetrics(Hook):
+    """The worker's metrics, a runtime hook; every method is a no-op when ``metrics_port`` is 0.
 
     Raises:
         ConfigError: a port is set but prometheus_client is not installed.
@@ -101,7 +115,7 @@ class WorkerMetrics:
         self.compute = Histogram(
             "hetbatch_compute_seconds", "Model call time per batch", ["model"], buckets=_SECONDS_BUCKETS, registry=reg
         )
-        reg.register(_Live(client, settings.queue_names, loaded))
+        reg.register(_Live(client, Keys(settings.prefix), settings.queue_names, loaded))
 
     def start(self) -> WorkerMetrics:
         """Serve ``/metrics`` on the first free port from ``metrics_port``.
@@ -132,6 +146,16 @@ class WorkerMetrics:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+    def close(self) -> None:
+        self.stop()
+
+    def after_store(self, finished: Finished) -> None:
+        for env, done in finished:
+            self.observe_done(env.ref, done)
+
+    def after_batch(self, ref: str, stats: BatchStats) -> None:
+        self.observe_batch(ref, stats)
 
     def observe_done(self, model: str, done: Sequence[Done]) -> None:
         """Count the finished jobs and rows of one task (``model`` is ``name@version``)."""

@@ -7,20 +7,20 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from hetbatch.adapters import Adapter, ModelLoadError, adapter_class
-from hetbatch.adapters.base import TensorInfo
-from hetbatch.adapters.offline.parity import sample_inputs
-from hetbatch.adapters.onnx import couples_rows
+from hetbatch.adapters import Adapter, AdapterError, ModelLoadError, adapter_class
+from hetbatch.adapters.base import TensorInfo, sample_inputs
 from hetbatch.producers.protocol.registry import ModelSpec, Registry
 from hetbatch.worker.batching import Arrivals, Batcher, BatchStats
+from hetbatch.worker.pool import DEVICE_FAILED_EXIT
+from hetbatch.worker.ragged import RaggedCall, is_ragged, padded_bytes, sample_rows
 from hetbatch.worker.settings import WorkerSettings
 
-__all__ = ["LoadedModel", "ModelCache"]
+__all__ = ["LoadedModel", "ModelCache", "output_row_bytes", "warm_up_ragged"]
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,6 @@ class LoadedModel:
     load_s: float
 
 
-# Frameworks whose sessions take a per-session thread count (torch's is process-wide).
-_CALIBRATED = frozenset({"onnx"})
 _PROBE_ROWS = 8192
 _UNCUT = 1 << 40  # "no limit" on rows per call
 _PROBE_MIN_ROWS = 16
@@ -64,8 +62,48 @@ def _fastest_rows(adapter: Adapter, probe: dict[str, np.ndarray], max_rows: int)
     return min(best, key=lambda size: best[size])
 
 
+def warm_up_ragged(adapter: Adapter, spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Call a ragged model once on two short rows of zeros, padded as every call will be;
+    returns the outputs.
+
+    Raises:
+        ModelLoadError: the call failed.
+    """
+    call = RaggedCall(adapter.predict, spec, max_rows=2, max_bytes=1 << 30)
+    try:
+        return call(sample_rows(spec))
+    except AdapterError as exc:
+        raise ModelLoadError(f"{spec.name}: its first call (two padded rows of zeros) failed: {exc}") from exc
+
+
+def output_row_bytes(adapter: Adapter, spec: ModelSpec) -> int:
+    """Bytes of one row of the model's fixed-size outputs, from a call on two rows of
+    zeros (0 when that call fails, e.g. for inputs that zeros do not fit). The client
+    cuts a job so that a chunk's result stays within its byte budget too."""
+    try:
+        if is_ragged(spec):
+            got = warm_up_ragged(adapter, spec)
+        else:
+            got = adapter.predict(sample_rows(spec))
+    except Exception as exc:  # any failure only leaves the estimate out
+        log.info("%s: output size not measured (%s)", spec.name, exc)
+        return 0
+    names = [n for n in spec.outputs if n in got] or list(got)
+    sizes = [got[n].nbytes // max(1, len(got[n])) for n in names if got[n].dtype.kind not in "OUS"]
+    return int(sum(sizes))
+
+
 def _cores() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _exit_on_device_failure(exc: BaseException) -> None:
+    """A sticky CUDA error poisoned this process's context: every later call would fail.
+    Exit without answering, so the unacknowledged jobs go to another worker (the attempt
+    cap stops a job that kills every worker it reaches)."""
+    log.critical("device failed (%s); exiting with status %d so the jobs are redelivered", exc, DEVICE_FAILED_EXIT)
+    logging.shutdown()
+    os._exit(DEVICE_FAILED_EXIT)
 
 
 class ModelCache:
@@ -96,7 +134,7 @@ class ModelCache:
         """
         spec = self._specs.get(ref)
         if spec is None:
-            spec = self._registry.get(ref)
+            spec = self._registry.model(ref)
             self._specs[ref] = spec
         return spec
 
@@ -130,18 +168,22 @@ class ModelCache:
             )
         device = "gpu" if spec.device == "gpu" and settings.pool == "gpu" else "cpu"
         max_rows = spec.max_batch_rows or settings.max_batch_rows
-        # scikit-learn calls are single-threaded: one instance per core. The others use every
-        # core in one call unless calibration shows one thread per call gives the same bits.
-        instances = int(options.pop("instances", settings.instances)) or (
-            _cores() if spec.framework == "sklearn" else 1
-        )
+        ragged = is_ragged(spec)
+        if not ragged:  # a byte budget too: 8,192 rows of 600 KB images would be 4.9 GB in one call
+            max_rows = min(max_rows, max(1, settings.max_batch_bytes // padded_bytes(spec, 1)))
+        # What the framework allows is the adapter's to say (adapters/options.py Capabilities).
+        caps = adapter_class(spec.framework).capabilities(spec.artifact)
+        # Single-threaded calls: one instance per core. The others use every core in one
+        # call unless calibration shows one thread per call gives the same bits.
+        instances = int(options.get("instances") or settings.instances) or (_cores() if caps.instance_per_core else 1)
         explicit = {"instances", "threads"} & set(spec.options) or settings.instances or settings.intra_op_threads
         # A row-coupled model (dynamic quantization) gives a job's rows the answer it gives
         # them in one call of their own only: one call per request, never merged or cut.
-        coupled = spec.framework == "onnx" and couples_rows(spec.artifact)
+        coupled = caps.couples_rows
         if coupled:
             instances, max_rows = 1, _UNCUT
-        tune = spec.framework in _CALIBRATED and device == "cpu" and not explicit and _cores() > 1 and not coupled
+        tune = caps.calibrated_threads and device == "cpu" and not explicit and _cores() > 1 and not coupled
+        tune = tune and not ragged  # the probe batch has fixed shapes
         if tune:
             adapter, instances, max_rows = self._calibrate(spec, options, max_rows, size=not spec.max_batch_rows)
         else:
@@ -154,8 +196,16 @@ class ModelCache:
             *(spec.ref, spec.framework, device, load_s, instances, max_rows),
         )
         on_batch, arrivals = self._on_batch, self._arrivals
+        predict: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] = adapter.predict
+        padded: Callable[[], float | None] | None = None
+        if ragged:
+            # The batcher gathers what is waiting (at least the worker's rows per call); the
+            # ragged call cuts it by length into calls of max_rows rows and max_batch_bytes.
+            call = RaggedCall(adapter.predict, spec, max_rows=max_rows, max_bytes=settings.max_batch_bytes)
+            predict, padded = call, call.take_padded_fraction
+            max_rows = max(max_rows, settings.max_batch_rows)
         batcher = Batcher(
-            adapter.predict,
+            predict,
             max_batch_rows=max_rows,
             max_delay_ms=spec.max_delay_ms if spec.max_delay_ms is not None else self._settings.max_delay_ms,
             name=spec.ref,
@@ -163,14 +213,31 @@ class ModelCache:
             incoming=(lambda: arrivals.count(spec.ref)) if arrivals is not None else None,
             instances=instances if device == "cpu" else 1,
             merge=not coupled,
+            padded=padded,
+            on_fatal=_exit_on_device_failure,
         )
         return LoadedModel(spec, adapter, batcher, load_s)
 
     @staticmethod
     def _adapter(spec: ModelSpec, options: dict[str, object], device: str) -> Adapter:
-        return adapter_class(spec.framework)(
+        """The loaded adapter, called once on a tiny batch of the entry's inputs.
+
+        Raises:
+            ModelLoadError: the load or the warm-up call failed (e.g. a graph that cannot
+                run on this device): one error at load, not a failed job per request.
+        """
+        adapter = adapter_class(spec.framework)(
             spec.artifact, options=options, device=device, sha256=spec.sha256, pinned=spec.pinned
         ).load()
+        try:
+            if is_ragged(spec):  # padded by the ragged call, as every later call will be
+                warm_up_ragged(adapter, spec)
+            else:
+                adapter.warm_up([TensorInfo(t.name, t.dtype, t.shape) for t in spec.inputs])
+        except Exception:
+            adapter.unload()
+            raise
+        return adapter
 
     def _calibrate(
         self, spec: ModelSpec, options: dict[str, object], max_rows: int, *, size: bool

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 import redis
 
-from hetbatch.producers.errors import PayloadError, RemoteError
-from hetbatch.producers.protocol.ledger import LedgerKeys
+from hetbatch.adapters.errors import AdapterError
+from hetbatch.producers.errors import HetbatchError, PayloadError, RemoteError
+from hetbatch.producers.protocol.keys import Keys
+from hetbatch.producers.protocol.scripts import script
 from hetbatch.producers.protocol.wire import (
     Item,
-    Keys,
     Notice,
     TaskEnvelope,
     encode_error,
@@ -22,26 +23,7 @@ from hetbatch.producers.protocol.wire import (
     encode_results,
 )
 
-__all__ = ["Done", "Outcome", "ResultWriter", "outcomes_of"]
-
-# KEYS[1]: reply list ('' for none), KEYS[2]: the ledger ('' for none). ARGV[1]: ttl in
-# ms, ARGV[2]: the finished task's id, then (key, value, notice) triples.
-_STORE = """
-if KEYS[2] ~= '' then redis.call('ZREM', KEYS[2], ARGV[2]) end
-local stored = {}
-for i = 3, #ARGV, 3 do
-  if redis.call('SET', ARGV[i], ARGV[i + 1], 'NX', 'PX', ARGV[1]) then
-    stored[#stored + 1] = ARGV[i + 2]
-  end
-end
-if KEYS[1] ~= '' and #stored > 0 then
-  for j = 1, #stored, 1000 do
-    redis.call('RPUSH', KEYS[1], unpack(stored, j, math.min(j + 999, #stored)))
-  end
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
-end
-return #stored
-"""
+__all__ = ["Done", "Outcome", "ResultWriter", "library_error", "outcomes_of"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +45,21 @@ class Done:
     items: list[Item]
     table: pa.Table | None = None
     error: RemoteError | None = None
+
+
+def library_error(exc: BaseException, fallback: type[Exception] = PayloadError) -> BaseException:
+    """``exc`` as one of the library's errors, for a job's stored error result: hetbatch's
+    and the adapters' own pass as they are; a storage or OS error (a Redis
+    ``ResponseError`` such as WRONGTYPE, an ``OSError``) becomes ``PayloadError`` (the
+    job's data could not be used), anything else ``fallback``; either names the original
+    type. So a client sees one of the library's ``remote_type`` names, never a storage,
+    OS or framework class."""
+    if isinstance(exc, HetbatchError | AdapterError):
+        return exc
+    cls = PayloadError if isinstance(exc, redis.RedisError | OSError) else fallback
+    wrapped = cls(f"{type(exc).__name__}: {exc}")
+    wrapped.__cause__ = exc
+    return wrapped
 
 
 def _too_big(size: int, limit: int) -> RemoteError:
@@ -105,13 +102,22 @@ def outcomes_of(env: TaskEnvelope, done: Sequence[Done], max_bytes: int) -> list
 
 
 class ResultWriter:
+    """Stores job chunks' results, first write wins, and announces each new one on its reply list.
+
+    Args:
+        client: the Redis holding results.
+        keys: the deployment's key names.
+        ttl_s: how long stored results (and reply lists) live.
+        inline_bytes: results up to this size also ride in the reply notice.
+    """
+
     def __init__(self, client: redis.Redis, keys: Keys, *, ttl_s: int, inline_bytes: int) -> None:
         self._client = client
-        self._script = client.register_script(_STORE)
+        self._script = script(client, "results_store")
         self._keys = keys
         self._ttl_ms = ttl_s * 1000
         self._inline = inline_bytes
-        self._ledger = LedgerKeys(keys.prefix).ledger()
+        self._ledger = keys.ledger()
 
     def write(self, outcomes: Sequence[Outcome], reply_to: str | None, finished: str | None = None) -> int:
         """Store each outcome unless one is stored already; returns how many were new.
@@ -145,10 +151,3 @@ class ResultWriter:
                 encode_notice(Notice(out.job_id, out.chunk, inline)),
             ]
         return [reply_to or "", self._ledger if finished else ""], args
-
-    def existing(self, client: redis.Redis, items: Sequence[tuple[str, int]]) -> list[bool]:
-        """Which job chunks already have a stored result (redelivered or duplicate tasks)."""
-        pipe = client.pipeline(transaction=False)
-        for job_id, chunk in items:
-            pipe.exists(self._keys.result(job_id, chunk))
-        return [bool(v) for v in pipe.execute()]

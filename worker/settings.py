@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from hetbatch.producers.protocol.keys import DEFAULT_PREFIX
 from hetbatch.producers.protocol.shm import HOST_SEP, host_queue, host_token
 from hetbatch.producers.protocol.wire import FRAMEWORKS, FUSION_QUEUE, queue_for
 from hetbatch.producers.settings import DEFAULT_REDIS_URL, env_overrides
+from hetbatch.worker.pool import gpu_frameworks
 
 __all__ = ["WorkerSettings"]
 
@@ -18,7 +20,11 @@ class WorkerSettings:
 
     redis_url: str = DEFAULT_REDIS_URL
     """Broker, registry and result store."""
-    prefix: str = "hb"
+    redis_login_tries: int = 5
+    """Tries of a refused Redis login at start before the worker exits with one line saying so."""
+    wait_for_redis: bool = False
+    """At start, retry a refused Redis login until it succeeds instead of exiting."""
+    prefix: str = DEFAULT_PREFIX
     """Prefix of every hetbatch key in Redis (must match the producers')."""
     pool: str = "cpu"
     """``cpu`` or ``gpu``: which queues this worker consumes."""
@@ -32,6 +38,10 @@ class WorkerSettings:
     """Unacked messages of a dead worker are redelivered after this long (live workers renew theirs)."""
     max_batch_rows: int = 8192
     """Rows per model call when the model's entry sets none."""
+    max_batch_bytes: int = 64 * 1024 * 1024
+    """Most input bytes per model call, whatever ``max_batch_rows`` says (rows padded to
+    the call's longest for ragged inputs): 111 images of 3x224x224 float32, not 8,192
+    (4.9 GB). Out-of-memory halving stays the safety net below it."""
     max_delay_ms: float = 2.0
     """How long a batch waits for more rows when the model's entry sets none."""
     intra_op_threads: int = 0
@@ -108,7 +118,10 @@ class WorkerSettings:
         if self.queues:
             names = [q.strip() for q in self.queues.split(",") if q.strip()]
         else:
-            names = [queue_for(f, self.pool) for f in FRAMEWORKS if not (f == "sklearn" and self.pool == "gpu")]
+            if self.pool == "gpu":  # only the frameworks that import here
+                names = [queue_for(f, "gpu") for f in FRAMEWORKS if f in gpu_frameworks()]
+            else:
+                names = [queue_for(f, self.pool) for f in FRAMEWORKS]
             names += [FUSION_QUEUE] if self.pool == "cpu" else []
         token = host_token(self.shm_dir, create=True)
         if token is None:

@@ -18,20 +18,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, cast
+from typing import Any
 
 import redis
 
-from hetbatch.producers.protocol.ledger import LedgerKeys
-from hetbatch.producers.protocol.wire import Keys
+from hetbatch.producers.protocol.keys import Keys
+from hetbatch.producers.protocol.kombu import renew_unacked
 from hetbatch.worker.ops.reconciler import LeaderLock, Reconciler, Republisher
 from hetbatch.worker.settings import WorkerSettings
 
 __all__ = ["Watchdog", "held_delivery_tags"]
 
 log = logging.getLogger(__name__)
-
-_UNACKED_INDEX = "unacked_index"  # kombu's zset: delivery tag -> delivery time
 
 
 def held_delivery_tags() -> list[str]:
@@ -66,7 +64,7 @@ class Watchdog(threading.Thread):
         self._reconciler: Reconciler | None = None
         self._publisher: Republisher | None = None
         self._lock = LeaderLock(
-            self.redis, LedgerKeys(settings.prefix).leader(), ttl_s=max(3 * settings.reconcile_interval_s, 5.0)
+            self.redis, Keys(settings.prefix).leader(), ttl_s=max(3 * settings.reconcile_interval_s, 5.0)
         )
         self._last_sweep = 0.0
 
@@ -94,10 +92,7 @@ class Watchdog(threading.Thread):
         seen = {t: self._first_seen.get(t, now) for t in tags}
         self._first_seen = seen
         fresh = {t: now for t, first in seen.items() if now - first < self.settings.max_hold_s}
-        if not fresh:
-            return 0
-        # XX: only messages still unacked; an acked or restored one must not come back.
-        return cast(int, self.redis.zadd(_UNACKED_INDEX, fresh, xx=True, ch=True))
+        return renew_unacked(self.redis, fresh)
 
     def _maybe_sweep(self) -> None:
         now = time.monotonic()

@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from hetbatch.adapters.base import AdapterError, TensorInfo
+from hetbatch.adapters.base import AdapterError, sample_inputs
 
 __all__ = [
     "DEFAULT_RTOL",
@@ -254,27 +254,3 @@ def _accuracy(outputs: Mapping[str, np.ndarray], labels: np.ndarray, classes: Se
     if len(truth) != len(predicted):
         raise AdapterError(f"{len(truth)} labels for {len(predicted)} rows")
     return float(np.mean(predicted.astype(object) == truth.astype(object)))
-
-
-def sample_inputs(inputs: Sequence[TensorInfo], rows: int = 256, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs that fit the schema (standard normal floats, small integers).
-
-    Raises:
-        AdapterError: an input has an open size or a dtype that cannot be generated.
-    """
-    rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
-    for info in inputs:
-        if any(d is None for d in info.shape):
-            raise AdapterError(f"input {info.name!r} has open sizes {info.shape}; pass a sample file")
-        shape = (rows, *(int(d) for d in info.shape if d is not None))
-        kind = np.dtype(info.dtype).kind if info.dtype != "string" else "U"
-        if kind == "f":
-            out[info.name] = rng.standard_normal(shape).astype(info.dtype)
-        elif kind in "iu":
-            out[info.name] = rng.integers(0, 10, shape).astype(info.dtype)
-        elif kind == "b":
-            out[info.name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            raise AdapterError(f"cannot generate {info.dtype} values for input {info.name!r}; pass a sample file")
-    return out

@@ -34,9 +34,10 @@ import numpy as np
 import pyarrow as pa
 
 from hetbatch.producers.errors import ConfigError, HetbatchError, PayloadError, RemoteError
-from hetbatch.producers.protocol.registry import ModelSpec, parse_ref, register_kind
+from hetbatch.producers.protocol.keys import Keys
+from hetbatch.producers.protocol.model import ModelSpec, parse_ref
 from hetbatch.producers.protocol.schema import TensorSpec, table_to_arrays, to_table
-from hetbatch.producers.protocol.wire import Item, Keys, TaskEnvelope, encode_table
+from hetbatch.producers.protocol.wire import Item, TaskEnvelope, encode_table
 
 __all__ = [
     "STRATEGIES",
@@ -196,8 +197,6 @@ class EnsembleSpec:
             kwargs["classes"] = tuple(data["classes"])
         return cls(**kwargs)
 
-
-register_kind("ensemble", EnsembleSpec.from_dict)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ anything can be checked), dictionary batches, deeply nested or extension types. 
 module reads the stream message by message and, before pyarrow touches a body:
 
 - the schema must use only the wire's types (``ALLOWED_TYPES``: what
-  ``producers.protocol.schema`` produces), flat or as a fixed-size list of them; the only
-  extension type accepted is ``arrow.fixed_shape_tensor``;
+  ``producers.protocol.schema`` produces), flat or as a fixed-size list of them, or a
+  (32-bit offset) list of either for ragged rows; the only extension type accepted is
+  ``arrow.fixed_shape_tensor``;
 - every record batch header is parsed (flatbuffers, bounds-checked) and refused if it
   declares compression, a negative or over-``max_rows`` length, or buffers outside
   the message body; dictionary batches are refused;
@@ -49,14 +50,18 @@ def check_type(name: str, t: pa.DataType) -> None:
     """
     if isinstance(t, pa.FixedShapeTensorType):
         t = t.storage_type
+    if pa.types.is_list(t):  # a ragged input or output (producers.protocol.ragged): one level, 32-bit offsets
+        t = t.value_type
+        if t in ALLOWED_TYPES and t != pa.string():
+            return
     if pa.types.is_fixed_size_list(t) and t.value_type in ALLOWED_TYPES and t.value_type != pa.string():
         if t.list_size <= 0:
             raise PayloadError(f"column {name!r}: fixed-size list of size {t.list_size}")
         return
     if t not in ALLOWED_TYPES:
         raise PayloadError(
-            f"column {name!r} has type {t}, which the wire does not carry "
-            "(allowed: bool, string, (u)int8-64, float16-64, and fixed-size lists of numbers)"
+            f"column {name!r} has type {t}, which the wire does not carry (allowed: bool, string, "
+            "(u)int8-64, float16-64, fixed-size lists of numbers, and lists of either of those)"
         )
 
 

@@ -8,7 +8,6 @@ priority 0 and ``<queue>:<n>`` for the others (``producers.protocol.kombu``).
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,23 +16,15 @@ from typing import Any, cast
 import redis
 
 from hetbatch.producers.errors import PayloadError
-from hetbatch.producers.protocol.kombu import PRIORITY_STEPS, lane_list, priority_list
-from hetbatch.producers.protocol.shm import HOST_SEP, unlink
-from hetbatch.producers.protocol.wire import Keys, TaskEnvelope
+from hetbatch.producers.protocol.keys import Keys, lane_list
+from hetbatch.producers.protocol.kombu import frame_envelope, priority_lists
+from hetbatch.producers.protocol.shm import HOST_SEP
+from hetbatch.producers.protocol.transport import Transport
+from hetbatch.producers.protocol.wire import TaskEnvelope
 
-__all__ = ["PurgeReport", "delete_job", "purge_model", "queue_keys", "waiting_lists"]
+__all__ = ["PurgeReport", "delete_job", "purge_model"]
 
 _PAGE = 1000
-
-
-def queue_keys(queue: str) -> list[str]:
-    """The Redis lists that hold ``queue``'s waiting messages, highest priority first."""
-    return [priority_list(queue, step) for step in PRIORITY_STEPS]
-
-
-def waiting_lists(queue: str) -> list[str]:
-    """``queue_keys`` and the queue's lane."""
-    return [*queue_keys(queue), lane_list(queue)]
 
 
 @dataclass(frozen=True)
@@ -61,16 +52,11 @@ def _envelope(raw: bytes) -> dict[str, Any] | None:
     """The task envelope inside a kombu message or of a lane entry, or None when it is not ours."""
     try:
         message = json.loads(raw)
-        if isinstance(message, dict) and "model" in message:  # a lane entry: the bare envelope
-            return cast(dict[str, Any], message)
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        env = args[0]
-        return env if isinstance(env, dict) and "model" in env else None
-    except (ValueError, KeyError, IndexError, TypeError):
+    except ValueError:
         return None
+    if isinstance(message, dict) and "model" in message:  # a lane entry: the bare envelope
+        return cast(dict[str, Any], message)
+    return frame_envelope(raw)
 
 
 def _job_ids(env: dict[str, Any]) -> list[str]:
@@ -78,6 +64,15 @@ def _job_ids(env: dict[str, Any]) -> list[str]:
         return [item.job_id for item in TaskEnvelope.from_dict(env).items]
     except PayloadError:
         return []  # not a task hetbatch can read: its message still goes
+
+
+def _inputs(transport: Transport, env: dict[str, Any]) -> tuple[list[str], list[str]]:
+    try:
+        parsed = TaskEnvelope.from_dict(env)
+    except PayloadError:
+        return [], []
+    unit = parsed.units[0]
+    return transport.allowed_keys(parsed), transport.inputs([(unit.job_id, unit.chunk)])[1]
 
 
 def _scan_list(client: redis.Redis, key: str) -> Iterator[bytes]:
@@ -102,10 +97,11 @@ def purge_model(client: redis.Redis, keys: Keys, name: str, queue: str, shm_dir:
     job_ids: set[str] = set()
     doomed: set[str] = set()
     files: list[str] = []
+    transport = Transport(keys, shm_dir)
     # The queue's host queues too (producers.protocol.shm): ``<queue>@<token>`` and their priority lists.
     found = client.scan_iter(match=f"{queue}{HOST_SEP}*", count=_PAGE, _type="list")
     hosts = sorted({k.decode() if isinstance(k, bytes) else str(k) for k in found})
-    for key in [*waiting_lists(queue), *hosts]:
+    for key in [*priority_lists(queue), lane_list(queue), *hosts]:
         matches = []
         for raw in _scan_list(client, key):
             env = _envelope(raw)
@@ -114,10 +110,10 @@ def purge_model(client: redis.Redis, keys: Keys, name: str, queue: str, shm_dir:
                 job_ids.update(_job_ids(env))
                 if env.get("pack"):  # a pack's jobs share one record and one result
                     doomed.update((keys.job(str(env["pack"])), keys.result(str(env["pack"]), 0)))
-                if env.get("payload_key"):
-                    doomed.add(str(env["payload_key"]))
-                if env.get("payload_shm"):
-                    files.append(str(env["payload_shm"]))
+                # Its input by the names derived from its job id, never the names it gives.
+                refs, names = _inputs(transport, env)
+                doomed.update(refs)
+                files += names
         for raw in dict.fromkeys(matches):
             removed_messages += int(client.lrem(key, 1, raw))  # type: ignore[arg-type]  # bytes are fine
     prefix = f"{name}@"
@@ -136,6 +132,6 @@ def purge_model(client: redis.Redis, keys: Keys, name: str, queue: str, shm_dir:
     names = sorted(doomed)
     for start in range(0, len(names), _PAGE):
         deleted += int(client.delete(*names[start : start + _PAGE]))
-    if shm_dir:  # files of another host's folder are swept there once their TTL passes
-        unlink(shm_dir, files)
+    # Files of another host's folder are swept there once their TTL passes.
+    transport.drop(client, [], files)
     return PurgeReport(messages=removed_messages, jobs=len(job_ids), keys=deleted)

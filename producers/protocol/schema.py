@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from hetbatch.producers.errors import SchemaMismatch
+from hetbatch.producers.protocol import ragged
 
 __all__ = [
     "CastRule",
@@ -55,28 +56,58 @@ class TensorSpec:
         shape: per-row shape, without the batch axis: ``()`` scalar, ``(30,)`` vector.
         columns: flat source columns the client packs into this input when the data
             has no column named ``name`` (e.g. the feature columns of a Parquet file).
+        max_length: a ragged input's longest row (None: no limit but the payload's).
+        pad: a ragged input's padding value in the padded batch the model gets.
+        lengths: a ragged input: the model input that receives each row's length (int64).
+        mask: a ragged input: the model input that receives the (N, longest) attention
+            mask (int64, 1 on real elements, 0 on padding).
+
+    A first size of ``-1`` makes the input ragged (``producers.protocol.ragged``): rows of
+    any length travel unpadded, and the worker pads each model call to its longest row.
     """
 
     name: str
     dtype: str
     shape: tuple[int, ...] = ()
     columns: tuple[str, ...] | None = None
+    max_length: int | None = None
+    pad: float = 0.0
+    lengths: str | None = None
+    mask: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _ARROW_TYPES:
             raise ValueError(f"{self.name}: unsupported dtype {self.dtype!r}; use one of {sorted(_ARROW_TYPES)}")
-        if any(d <= 0 for d in self.shape):
-            raise ValueError(f"{self.name}: shape {self.shape} must have positive sizes (batch axis excluded)")
+        sizes = self.shape[1:] if self.ragged else self.shape
+        if any(d <= 0 for d in sizes):
+            raise ValueError(
+                f"{self.name}: shape {self.shape} must have positive sizes (batch axis excluded; "
+                "-1 is allowed first only, for rows of variable length)"
+            )
+        if self.ragged and (self.dtype == "string" or self.columns is not None):
+            raise ValueError(f"{self.name}: a variable-length input holds numbers and comes from one column")
+        if not self.ragged and (self.lengths or self.mask or self.max_length is not None):
+            raise ValueError(f"{self.name}: lengths, mask and max_length apply to a shape starting with -1 only")
+        if self.max_length is not None and self.max_length <= 0:
+            raise ValueError(f"{self.name}: max_length must be positive")
         if self.columns is not None and len(self.columns) != self.size:
             raise ValueError(f"{self.name}: {len(self.columns)} columns given for shape {self.shape}")
 
     @property
+    def ragged(self) -> bool:
+        """Rows of variable length (a first size of -1)."""
+        return bool(self.shape) and self.shape[0] == -1
+
+    @property
     def size(self) -> int:
-        return math.prod(self.shape)
+        """Values per row; for a ragged input, per element of a row."""
+        return math.prod(self.shape[1:] if self.ragged else self.shape)
 
     @property
     def arrow_type(self) -> pa.DataType:
         value = _ARROW_TYPES[self.dtype]
+        if self.ragged:
+            return pa.list_(value if len(self.shape) == 1 else pa.list_(value, self.size))
         return value if not self.shape else pa.list_(value, self.size)
 
     def describe(self) -> str:
@@ -86,6 +117,11 @@ class TensorSpec:
         out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
         if self.columns is not None:
             out["columns"] = list(self.columns)
+        for key in ("max_length", "lengths", "mask"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.pad:
+            out["pad"] = self.pad
         return out
 
     @classmethod
@@ -96,6 +132,10 @@ class TensorSpec:
             dtype=str(data["dtype"]),
             shape=tuple(int(d) for d in data.get("shape", ())),
             columns=tuple(str(c) for c in cols) if cols is not None else None,
+            max_length=int(data["max_length"]) if data.get("max_length") is not None else None,
+            pad=float(data.get("pad", 0.0)),
+            lengths=str(data["lengths"]) if data.get("lengths") else None,
+            mask=str(data["mask"]) if data.get("mask") else None,
         )
 
 
@@ -160,6 +200,8 @@ def _column_values(col: pa.ChunkedArray | pa.Array, spec: TensorSpec, cast: Cast
         arr = col
     if isinstance(arr.type, pa.FixedShapeTensorType):
         arr = arr.storage
+    if spec.ragged:
+        return ragged.from_arrow(arr, spec, cast)
     if arr.null_count:
         raise SchemaMismatch(f"{arr.null_count} null values", column=spec.name, expected="no nulls", received="nulls")
     t = arr.type
@@ -213,7 +255,7 @@ def _as_table(data: Any, inputs: Sequence[TensorSpec]) -> pa.Table | dict[str, n
             )
         return {inputs[0].name: data}
     if isinstance(data, Mapping):
-        return {str(k): np.asarray(v) for k, v in data.items()}
+        return {str(k): ragged.as_column(v) for k, v in data.items()}
     if type(data).__module__.startswith("pandas"):
         return pa.Table.from_pandas(data, preserve_index=False)
     raise SchemaMismatch(
@@ -226,6 +268,8 @@ def _input_array(data: pa.Table | dict[str, np.ndarray], spec: TensorSpec, cast:
     if isinstance(data, dict):
         if spec.name in data:
             arr = data[spec.name]
+            if spec.ragged:
+                return ragged.from_values(arr, spec, cast)
             if arr.shape[1:] != spec.shape:
                 raise SchemaMismatch(
                     "wrong shape",
@@ -306,6 +350,8 @@ def table_to_arrays(table: pa.Table, inputs: Sequence[TensorSpec]) -> dict[str, 
 
 
 def _to_arrow(arr: np.ndarray) -> tuple[pa.Array, dict[bytes, bytes] | None]:
+    if ragged.is_rows(arr):
+        return ragged.to_arrow(arr), None
     if arr.dtype.kind in "OUT":
         flat: pa.Array = pa.array(arr.reshape(-1).tolist(), type=pa.string())
     else:

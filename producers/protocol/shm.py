@@ -26,6 +26,7 @@ import functools
 import os
 import re
 import secrets
+import stat
 import time
 from pathlib import Path
 
@@ -104,7 +105,8 @@ def read_payload(folder: str, name: str, job_id: str, max_bytes: int) -> bytes:
     """The bytes of a chunk's file.
 
     Raises:
-        PayloadError: a name that is not a payload file's, or a file too big to decode.
+        PayloadError: a name that is not a payload file's, not a regular file (a FIFO,
+            device or directory), or a file too big to decode.
         JobLost: the file is gone (its TTL passed, or the host restarted).
     """
     if not _NAME.fullmatch(name):
@@ -112,16 +114,25 @@ def read_payload(folder: str, name: str, job_id: str, max_bytes: int) -> bytes:
     if not folder:
         raise PayloadError(f"job {job_id}: its input is in shared memory, and this worker has none (shm_dir is empty)")
     try:
-        fd = os.open(Path(folder) / name, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: opening a FIFO put there by someone else must not block the task
+        # thread; O_NOFOLLOW: a symlink is refused, not followed.
+        fd = os.open(Path(folder) / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise JobLost(job_id, f"input {name} is gone from {folder} (TTL passed or the host restarted)") from None
     except OSError as exc:
         raise PayloadError(f"job {job_id}: cannot open its input {name} in {folder}: {exc}") from exc
+    info = os.fstat(fd)  # before fdopen, which raises IsADirectoryError on a directory
+    if not stat.S_ISREG(info.st_mode):  # a FIFO, device or directory: never read
+        os.close(fd)
+        raise PayloadError(f"job {job_id}: input {name} in {folder} is not a regular file; refused")
     with os.fdopen(fd, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > max_bytes:
-            raise PayloadError(f"job {job_id}: input {name} has {size} bytes, over the limit of {max_bytes}")
-        return f.read(size)
+        if info.st_size > max_bytes:
+            raise PayloadError(f"job {job_id}: input {name} has {info.st_size} bytes, over the limit of {max_bytes}")
+        try:
+            data = f.read(info.st_size)
+        except OSError as exc:
+            raise PayloadError(f"job {job_id}: cannot read its input {name} in {folder}: {exc}") from exc
+        return data if data is not None else b""
 
 
 def unlink(folder: str, names: list[str]) -> None:

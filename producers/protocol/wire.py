@@ -21,7 +21,9 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 
 from hetbatch.producers.errors import PayloadError, PayloadTooLarge, RemoteError
+from hetbatch.producers.protocol.fields import MAX_INLINE, Fields, answerable_fields, first_job, read_item
 from hetbatch.producers.protocol.ipc import read_stream
+from hetbatch.producers.protocol.keys import is_reply
 
 __all__ = [
     "CELERY_WIRE_CONFIG",
@@ -33,10 +35,10 @@ __all__ = [
     "SCHEMA_VERSION",
     "TASK_NAME",
     "Item",
-    "Keys",
     "Notice",
     "Status",
     "TaskEnvelope",
+    "answerable",
     "decode_notice",
     "decode_pack_result",
     "decode_result",
@@ -91,35 +93,6 @@ def queue_for(framework: str, device: str) -> str:
     return f"{framework}.{device}"
 
 
-@dataclass(frozen=True)
-class Keys:
-    """Redis key names, all under one prefix so several deployments can share a Redis."""
-
-    prefix: str = "hb"
-
-    def input(self, job_id: str, chunk: int) -> str:
-        return f"{self.prefix}:in:{job_id}:{chunk}"
-
-    def result(self, job_id: str, chunk: int) -> str:
-        return f"{self.prefix}:res:{job_id}:{chunk}"
-
-    def job(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
-
-    def reply(self, client_id: str) -> str:
-        return f"{self.prefix}:reply:{client_id}"
-
-    def models(self) -> str:
-        return f"{self.prefix}:models"
-
-    def alive(self, queue: str) -> str:
-        """Refreshed with a TTL by every worker consuming ``queue`` (see worker.pool)."""
-        return f"{self.prefix}:alive:{queue}"
-
-    def model(self, name: str) -> str:
-        return f"{self.prefix}:model:{name}"
-
-
 class Item(NamedTuple):
     """One job chunk inside a task: ``rows`` consecutive rows of the task payload (a named
     tuple: a pack builds hundreds per task, at a third of a frozen dataclass's cost)."""
@@ -151,6 +124,11 @@ class TaskEnvelope:
     pack: str | None = None
 
     @property
+    def ref(self) -> str:
+        """The model as ``name@version``."""
+        return f"{self.model}@{self.version}"
+
+    @property
     def rows(self) -> int:
         return sum(item.rows for item in self.items)
 
@@ -162,7 +140,7 @@ class TaskEnvelope:
     def describe(self) -> str:
         """Readable summary for logs and Flower: never the payload."""
         first = self.items[0].job_id if self.items else "-"
-        return f"{self.model}@{self.version} jobs={len(self.items)} first={first} rows={self.rows}"
+        return f"{self.ref} jobs={len(self.items)} first={first} rows={self.rows}"
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"v": self.v, "model": self.model, "version": self.version}
@@ -182,42 +160,46 @@ class TaskEnvelope:
 
     @classmethod
     def from_dict(cls, data: Any) -> TaskEnvelope:
-        """Parse and check a task body.
+        """Parse and check a task body: every field's type and size (``producers.protocol.fields``),
+        that a pack's items are its jobs, that ``reply_to`` names a reply list, and that
+        exactly one payload reference is given.
 
         Raises:
-            PayloadError: the body is not a valid envelope of this schema version.
+            PayloadError: the body is not a valid envelope of this schema version; the
+                message names the job (when an id can be read) and the field.
         """
-        try:
-            if not isinstance(data, dict):
-                raise TypeError("envelope is not an object")
-            if data.get("v") != SCHEMA_VERSION:
-                raise ValueError(f"schema version {data.get('v')!r}, expected {SCHEMA_VERSION}")
-            if "sizes" in data:
-                pack, sizes = _str(data.get("pack")), _list(data["sizes"])
-                if not all(type(r) is int and r >= 0 for r in sizes):
-                    raise ValueError("sizes must be a list of row counts")
-                items = tuple(Item(f"{pack}-{n}", 0, r) for n, r in enumerate(sizes))
-            else:
-                items = tuple(Item(_str(j), _int(c), _int(r)) for j, c, r in _list(data["items"]))
-            if not items or any(i.rows < 0 or i.chunk < 0 for i in items):
-                raise ValueError("items must be a non-empty list of [job_id, chunk, rows]")
-            env = cls(
-                model=_str(data["model"]),
-                version=_str(data["version"]),
-                items=items,
-                payload_key=_opt(data.get("payload_key"), str),
-                payload_b64=_opt(data.get("payload_b64"), str),
-                payload_shm=_opt(data.get("payload_shm"), str),
-                reply_to=_opt(data.get("reply_to"), str),
-                deadline=_opt(data.get("deadline"), (int, float)),
-                then=_opt(data.get("then"), dict),
-                pack=_opt(data.get("pack"), str) or None,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PayloadError(f"malformed task envelope: {exc}") from exc
-        if sum(p is not None for p in (env.payload_key, env.payload_b64, env.payload_shm)) != 1:
-            raise PayloadError("malformed task envelope: needs exactly one of payload_key, payload_b64, payload_shm")
-        return env
+        if not isinstance(data, dict):
+            raise PayloadError(f"malformed task envelope: a JSON {type(data).__name__}, not an object")
+        f = Fields(data, first_job(data))
+        if data.get("v") != SCHEMA_VERSION:
+            f.fail("v", f"is {str(data.get('v'))[:20]!r}; this worker reads schema version {SCHEMA_VERSION}")
+        pack = None if data.get("pack") is None else f.ident("pack")
+        if "sizes" in data:
+            if pack is None:
+                f.fail("pack", "is missing: a task with sizes is a pack")
+            items = tuple(Item(f"{pack}-{n}", 0, f.count("sizes", r)) for n, r in enumerate(f.seq("sizes")))
+        else:
+            items = tuple(_item(f, entry) for entry in f.seq("items"))
+            if pack is not None and any(i.job_id != f"{pack}-{n}" or i.chunk for n, i in enumerate(items)):
+                f.fail("pack", f"is {pack!r}, but the items are not its jobs {pack}-0, {pack}-1, ... at chunk 0")
+        reply_to = f.opt_text("reply_to")
+        if reply_to is not None and not is_reply(reply_to):
+            f.fail("reply_to", f"names {reply_to[:60]!r}, which is not a reply list")
+        refs = ("payload_key", "payload_b64", "payload_shm")
+        if sum(data.get(name) is not None for name in refs) != 1:
+            f.fail("payload_key", "and payload_b64, payload_shm: exactly one of them must be given")
+        return cls(
+            model=f.text("model"),
+            version=f.text("version"),
+            items=items,
+            payload_key=f.opt_text("payload_key"),
+            payload_b64=f.opt_text("payload_b64", max_len=MAX_INLINE, empty=True),  # "" is an empty payload
+            payload_shm=f.opt_text("payload_shm"),
+            reply_to=reply_to,
+            deadline=f.number("deadline"),
+            then=f.obj("then"),
+            pack=pack,
+        )
 
     def inline_payload(self) -> bytes:
         """Decode the inline base64 payload.
@@ -231,28 +213,19 @@ class TaskEnvelope:
             raise PayloadError(f"inline payload is not valid base64: {exc}") from exc
 
 
-def _str(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise TypeError(f"expected a non-empty string, got {value!r}")
-    return value
+def _item(f: Fields, entry: Any) -> Item:
+    return Item(*read_item(f, entry))
 
 
-def _int(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"expected an integer, got {value!r}")
-    return value
-
-
-def _list(value: Any) -> list[Any]:
-    if not isinstance(value, list):
-        raise TypeError(f"expected a list, got {type(value).__name__}")
-    return value
-
-
-def _opt(value: Any, kind: type | tuple[type, ...]) -> Any:
-    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-        raise TypeError(f"unexpected {type(value).__name__} value {value!r}")
-    return value
+def answerable(data: Any) -> TaskEnvelope | None:
+    """What of a body ``from_dict`` refused can still be answered (``fields.answerable``):
+    an envelope of its jobs (or its pack) and its reply list; None when no job can be named.
+    Storing the refusal as these jobs' error result answers their producer (no hang)."""
+    found = answerable_fields(data)
+    if found is None:
+        return None
+    items, reply_to, pack = found
+    return TaskEnvelope("?", "?", tuple(Item(*i) for i in items), payload_b64="", reply_to=reply_to, pack=pack)
 
 
 def encode_table(table: pa.Table | pa.RecordBatch, tag: bytes = b"") -> memoryview:

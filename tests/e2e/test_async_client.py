@@ -17,7 +17,7 @@ from tests.kit.models import Built, sklearn_model
 
 @pytest.fixture(scope="module")
 def wine(work_dir: Path) -> Built:
-    return sklearn_model(work_dir / "aio-wine", "aio-wine", "wine")
+    return sklearn_model(work_dir / "aio-wine", "aio-wine", "wine", nan="pass")  # NaN reaches the model
 
 
 @pytest.fixture()
@@ -101,5 +101,19 @@ def test_errors_are_the_sync_clients(redis_url: str, ref: str, wine: Built) -> N
                 assert failed.value.remote_type
             else:  # this sklearn's forests route NaN: the answer must be the in-process one
                 np.testing.assert_array_equal(column(await job.result(timeout_s=120), "label"), expected)
+
+    asyncio.run(main())
+
+
+def test_a_thousand_concurrent_predicts_all_answered_right(redis_url: str, ref: str, wine: Built) -> None:
+    """More awaits than pooled connections: they wait for a free connection (a bounded
+    BlockingConnectionPool) instead of failing with MaxConnectionsError."""
+    pieces = [wine.X[i % 150 : i % 150 + 1 + i % 7] for i in range(1000)]
+
+    async def main() -> None:
+        async with AsyncClient.from_url(redis_url, async_max_connections=16) as client:
+            tables = await asyncio.gather(*(client.predict(ref, p, timeout_s=240) for p in pieces))
+        for piece, table in zip(pieces, tables, strict=True):
+            np.testing.assert_array_equal(column(table, "label"), wine.model.predict(piece))
 
     asyncio.run(main())

@@ -21,7 +21,7 @@ from hetbatch.producers.protocol.registry import ModelSpec
 from hetbatch.producers.protocol.schema import TensorSpec, to_table
 from hetbatch.worker.cli import main
 from hetbatch.worker.modelops.adapt import convert_model, optimize_model, quantize_model
-from hetbatch.worker.modelops.registration import write_config
+from hetbatch.worker.modelops.config import write_config
 from tests.kit.helpers import WorkerProcess, column, register
 from tests.kit.models import Built, sklearn_model
 
@@ -135,7 +135,7 @@ def test_a_state_dict_source_converts_only_with_a_pinned_hash(
     torch.save(net.state_dict(), directory / "weights.pt")
     fields: dict[str, Any] = dict(
         framework="torch", artifact=directory / "weights.pt", inputs=(TensorSpec("x", "float32", (8,)),),
-        outputs=("logits",), options={"module": "tests.test_convert:tiny_net"},
+        outputs=("logits",), options={"module": "tests.e2e.test_convert:tiny_net"},
     )  # fmt: skip
     unpinned = register_spec(client, name="cv-eager-unpinned", **fields)
     with pytest.raises(UnsafeArtifact, match="pin its sha256"):
@@ -148,6 +148,37 @@ def test_a_state_dict_source_converts_only_with_a_pinned_hash(
     with torch.no_grad():
         expected = net(torch.from_numpy(X)).numpy()
     assert rel_error(column(out, "logits"), expected) <= (adapted.parity.outputs[0].rtol or 0)
+
+
+def test_convert_and_the_worker_load_one_state_dict_model_toml_alike(
+    client: Client, cpu_worker: WorkerProcess, work_dir: Path
+) -> None:
+    """One model.toml, one meaning: ``hetbatch convert`` and the worker both build the
+    module with ``options.module_kwargs`` and load the same weights."""
+    import torch
+
+    net = tiny_net(features=8, classes=4).eval()  # not the factory's default: the kwargs matter
+    directory = work_dir / "cv-toml"
+    directory.mkdir()
+    torch.save(net.state_dict(), directory / "weights.pt")
+    write_config(
+        directory, name="cv-toml", framework="torch", artifact="weights.pt", sha256=sha256_of(directory / "weights.pt"),
+        options={"module": "tests.e2e.test_convert:tiny_net", "input_names": ["x"], "output_names": ["logits"]},
+        inputs=[{"name": "x", "dtype": "float32", "shape": [8]}],
+    )  # fmt: skip
+    with open(directory / "model.toml", "a") as fh:  # write_config has no inline tables
+        fh.write("[options.module_kwargs]\nfeatures = 8\nclasses = 4\n")
+    source = register(client, directory)
+    X = np.random.default_rng(5).standard_normal((400, 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(X)).numpy()
+    served = column(client.predict(source, X, timeout_s=120), "logits")
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
+    assert main(["--redis-url", client.settings.redis_url, "convert", source]) == 0
+    converted = client.registry.get("cv-toml")
+    assert converted.framework == "onnx" and converted.options["source"] == source
+    out = column(client.predict(converted.ref, X, timeout_s=120), "logits")
+    assert out.shape == (400, 4) and rel_error(out, expected) <= 1e-4
 
 
 def test_keras_model_converts_and_scores_like_the_source(

@@ -79,7 +79,7 @@ def test_feature_columns_are_packed_from_a_dataframe(client: Client, cpu_worker:
     from sklearn.datasets import load_wine
     from sklearn.ensemble import RandomForestClassifier
 
-    from hetbatch.worker.modelops.registration import write_config
+    from hetbatch.worker.modelops.config import write_config
 
     frame, y = load_wine(return_X_y=True, as_frame=True)
     model = RandomForestClassifier(n_estimators=10, random_state=0).fit(frame, y)

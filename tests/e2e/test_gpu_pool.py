@@ -17,9 +17,10 @@ import pytest
 import redis
 
 from hetbatch.producers import Client, JobFailed, Status
-from hetbatch.producers.protocol.wire import DEVICE_KEY, Keys
+from hetbatch.producers.protocol.keys import Keys
+from hetbatch.producers.protocol.wire import DEVICE_KEY
 from hetbatch.worker.modelops.registration import build_spec
-from hetbatch.worker.pool import pool_env
+from hetbatch.worker.pool import NoGpu, Supervision, check_gpu, pool_env, spawn_gpu_workers
 from tests.kit.helpers import ROOT, WorkerProcess, column
 from tests.kit.models_dl import DLBuilt, torch_mlp
 
@@ -53,6 +54,64 @@ def test_a_cpu_pool_hides_every_gpu_and_a_gpu_worker_sees_only_its_own() -> None
     assert pool_env("cpu", "0") == {"CUDA_VISIBLE_DEVICES": ""}
     assert pool_env("gpu", "1") == {"CUDA_VISIBLE_DEVICES": "1"}
     assert pool_env("gpu") == {}
+
+
+def test_an_inherited_device_list_is_indexed_not_overwritten() -> None:
+    given = "GPU-8f2b1c4e-aaaa-bbbb-cccc-0123456789ab,MIG-5c1d2e3f-dddd-eeee-ffff-0123456789ab"
+    assert pool_env("gpu", "1", given) == {"CUDA_VISIBLE_DEVICES": given.split(",")[1]}
+    assert pool_env("gpu", "0", "4,5") == {"CUDA_VISIBLE_DEVICES": "4"}
+    with pytest.raises(NoGpu, match="given 2 GPU"):
+        pool_env("gpu", "2", "4,5")
+
+
+def _gpu_visible() -> bool:
+    try:
+        check_gpu()
+    except NoGpu:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("visible", [None, ""])
+def test_a_gpu_pool_without_a_gpu_exits_non_zero_at_once_with_one_line(visible: str | None) -> None:
+    if _gpu_visible():
+        pytest.skip("this machine has a GPU")
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "HETBATCH_GPU_CHECK")}
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "hetbatch", "worker", "--pool", "gpu", "--redis-url", "redis://127.0.0.1:1/0"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert done.returncode != 0 and time.monotonic() - started < 30
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hetbatch worker: --pool gpu:"), done.stderr
+    assert ("hides every GPU" if visible == "" else "nvidia-smi") in lines[0]
+
+
+def test_the_parent_of_per_gpu_workers_notices_a_dead_child(capfd: pytest.CaptureFixture[str]) -> None:
+    """Without a GPU every child dies at its device check: the parent restarts each once
+    (after a backoff), then stops them all and exits non-zero."""
+    if _gpu_visible():
+        pytest.skip("this machine has a GPU: its children would not die")
+    started = time.monotonic()
+    code = spawn_gpu_workers(["0", "1"], ["--redis-url", "redis://127.0.0.1:1/0"], Supervision(1, 60, 0.1, 0.1))
+    err = capfd.readouterr().err
+    assert code == 1 and time.monotonic() - started < 60
+    assert err.count("started gpu worker pid") >= 3 and "died 2 times in 60 s; stopping every gpu worker" in err
+
+
+def test_a_gpu_worker_consumes_tensorflow_gpu_only_where_tensorflow_imports(tmp_path: Path) -> None:
+    broken = tmp_path / "site" / "tensorflow"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('this tensorflow is broken')\n")
+    probe = "from hetbatch.worker.settings import WorkerSettings; print(WorkerSettings(pool='gpu').queue_names)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(ROOT)]))
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    names = done.stdout.strip().splitlines()[-1]
+    assert "'torch.gpu'" in names and "'onnx.gpu'" in names and "tensorflow.gpu" not in names
 
 
 def test_the_cpu_worker_started_with_no_gpu_visible(cpu_worker: WorkerProcess) -> None:
@@ -95,7 +154,9 @@ def test_a_gpu_job_waits_for_a_gpu_worker_and_one_per_gpu_is_started(
     r = redis.Redis.from_url(redis_url)
     assert not r.exists(alive)
 
-    pool = WorkerProcess(redis_url, work_dir, "--pool", "gpu", "--gpus", "0,1", "--concurrency", "2")
+    # Without a GPU the pool's device check would stop it at once: skip it, to test the plumbing.
+    env = {} if torch.cuda.is_available() else {"HETBATCH_GPU_CHECK": "0"}
+    pool = WorkerProcess(redis_url, work_dir, "--pool", "gpu", "--gpus", "0,1", "--concurrency", "2", env=env)
     try:
         deadline = time.monotonic() + 120
         while pool.output().count(" ready.") < 2:

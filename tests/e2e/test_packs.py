@@ -137,9 +137,10 @@ def test_a_pack_result_lists_its_jobs_in_order_around_an_empty_one() -> None:
 
 def test_purge_counts_every_job_of_a_queued_pack(private_redis: str) -> None:
     """A pack's envelope lists its sizes, not its job ids: purge still finds every job."""
+    from hetbatch.producers.protocol.keys import Keys
     from hetbatch.producers.protocol.kombu import celery_message
     from hetbatch.producers.protocol.retention import purge_model
-    from hetbatch.producers.protocol.wire import TASK_NAME, Item, Keys, TaskEnvelope
+    from hetbatch.producers.protocol.wire import TASK_NAME, Item, TaskEnvelope
 
     items = tuple(Item(f"purge-pack-{i}", 0, 2) for i in range(7))
     env = TaskEnvelope("purge-me", "1", items, payload_key="hb:in:purge-pack:0", pack="purge-pack")

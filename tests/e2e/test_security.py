@@ -31,7 +31,7 @@ from hetbatch.producers.protocol.registry import ModelSpec
 from hetbatch.producers.protocol.schema import TensorSpec
 from hetbatch.producers.protocol.wire import CELERY_WIRE_CONFIG, TASK_NAME
 from hetbatch.worker.devtools.redis_server import RedisServer, find_redis_server, free_port
-from hetbatch.worker.modelops.registration import write_config
+from hetbatch.worker.modelops.config import write_config
 from tests.kit.helpers import ROOT, WorkerProcess, column, register
 from tests.kit.models import Built, sklearn_model
 

@@ -19,9 +19,9 @@ import pytest
 from hetbatch.producers import Client, JobFailed
 from hetbatch.producers.errors import JobLost, PayloadError
 from hetbatch.producers.protocol import shm
+from hetbatch.producers.protocol.keys import Keys
 from hetbatch.producers.protocol.kombu import celery_message, priority_list
-from hetbatch.producers.protocol.ledger import LedgerKeys
-from hetbatch.producers.protocol.wire import FUSION_QUEUE, Keys
+from hetbatch.producers.protocol.wire import FUSION_QUEUE
 from hetbatch.worker.devtools.redis_server import RedisServer
 from hetbatch.worker.settings import WorkerSettings
 from tests.kit.faults import FaultyWorker
@@ -42,7 +42,7 @@ def _files(folder: Path) -> list[str]:
 
 def _inputs(client: Client) -> list[bytes]:
     """Input payloads stored in Redis."""
-    return list(client.redis.scan_iter(match=f"{client.keys.prefix}:in:*"))
+    return list(client.redis.scan_iter(match=client.keys.input("*", "*")))
 
 
 def _host_client(url: str, folder: str, model: Path) -> tuple[Client, str]:
@@ -50,7 +50,7 @@ def _host_client(url: str, folder: str, model: Path) -> tuple[Client, str]:
     client = Client.from_url(url, shm_dir=folder, shm_min_bytes=10_000)
     register(client, model)
     deadline = time.monotonic() + 30
-    while (host := client._host_queue(QUEUE)) is None:  # the worker's first heartbeat
+    while (host := client.router.host_queue(QUEUE)) is None:  # the worker's first heartbeat
         assert time.monotonic() < deadline, "no worker said it consumes its host queue"
         time.sleep(0.05)
     return client, host
@@ -114,7 +114,7 @@ def test_a_big_job_goes_through_shared_memory_and_matches_in_process(
         job = client.submit("shm-digits", X, chunk_rows=1000)
         small = client.submit("shm-digits", digits.X[:5])  # under shm_min_bytes: through Redis
         tasks = [f"{job.id}.{c}" for c in range(6)] + [f"{small.id}.0"]
-        queues = [client.redis.hget(LedgerKeys().task(t), "queue") for t in tasks]
+        queues = [client.redis.hget(Keys().task(t), "queue") for t in tasks]
         assert queues == [host.encode()] * 6 + [QUEUE.encode()]
         out = job.result(timeout_s=60)
         np.testing.assert_array_equal(column(out, "label"), digits.model.predict(X))

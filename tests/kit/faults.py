@@ -11,27 +11,40 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hetbatch import adapters
-from hetbatch.adapters.sklearn import SklearnAdapter
+from hetbatch.adapters.sklearn import SklearnAdapter, SklearnOptions
 from tests.kit.helpers import ROOT, WorkerProcess
 
 CRASH_EXIT_CODE = 137
 
 
-class FaultySklearnAdapter(SklearnAdapter):
-    """scikit-learn adapter with two test options: ``crash_on`` (a value of feature 0
-    that makes the process exit at once, like the OOM killer) and ``sleep_s`` per call."""
+@dataclass(frozen=True)
+class FaultyOptions(SklearnOptions):
+    """``crash_on``: a value of feature 0 that makes the process exit at once, like the
+    OOM killer; ``sleep_s``: seconds each call sleeps (not the all-zero warm-up call)."""
 
-    def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        marker = self.options.get("crash_on")
+    crash_on: float | None = None
+    sleep_s: float = 0.0
+
+
+class FaultySklearnAdapter(SklearnAdapter):
+    """scikit-learn adapter with the test options of ``FaultyOptions``."""
+
+    options_type = FaultyOptions
+    options: FaultyOptions
+
+    def _predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        marker = self.options.crash_on
         if marker is not None and (inputs["X"][:, 0] == marker).any():
             os._exit(CRASH_EXIT_CODE)
-        time.sleep(float(self.options.get("sleep_s", 0.0)))
-        return super().predict(inputs)
+        if inputs["X"].any():  # the load's warm-up call is all zeros: it does not sleep
+            time.sleep(self.options.sleep_s)
+        return super()._predict(inputs)
 
 
 class FaultyWorker(WorkerProcess):
@@ -58,27 +71,10 @@ class FaultyWorker(WorkerProcess):
 
 
 def _prefork(argv: list[str]) -> int:
-    from hetbatch.worker.app import make_app
+    from hetbatch.worker.process import WorkerProcess
     from hetbatch.worker.settings import WorkerSettings
 
-    settings = WorkerSettings.from_env()
-    app = make_app(settings)
-    app.worker_main(
-        [
-            "worker",
-            "-P",
-            "prefork",
-            "-c",
-            "1",
-            "-Q",
-            ",".join(settings.queue_names),
-            "--without-mingle",
-            "--without-gossip",
-            "-n",
-            f"prefork-{os.getpid()}@%h",
-            *argv,
-        ]
-    )
+    WorkerProcess(WorkerSettings.from_env()).run(f"prefork-{os.getpid()}@%h", pool="prefork", extra=argv)
     return 0
 
 

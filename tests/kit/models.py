@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from hetbatch.worker.modelops.registration import write_config
+from hetbatch.worker.modelops.config import write_config
 
 
 @dataclass

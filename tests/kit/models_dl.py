@@ -18,7 +18,7 @@ from torch import nn
 
 from hetbatch.adapters import sha256_of
 from hetbatch.producers import Client
-from hetbatch.worker.modelops.registration import write_config
+from hetbatch.worker.modelops.config import write_config
 
 __all__ = [
     "MLP",
@@ -137,7 +137,7 @@ def torch_mlp(directory: Path, name: str, fmt: str = "torchscript", pin: bool = 
     write_config(directory, name=name, framework="torch", artifact=artifact, options=options, inputs=specs, **config)
     if fmt != "torchscript":  # write_config has no inline tables; TOML lets a sub-table come later
         with open(directory / "model.toml", "a") as fh:
-            fh.write("[options.kwargs]\nfeatures = 30\nhidden = 16\nclasses = 2\n")
+            fh.write("[options.module_kwargs]\nfeatures = 30\nhidden = 16\nclasses = 2\n")
     return DLBuilt(directory, inputs, _run(loaded, inputs, names), model, config)
 
 

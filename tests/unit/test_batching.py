@@ -8,8 +8,8 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from hetbatch.adapters.base import PredictError
-from hetbatch.worker.batching import Batcher, BatchStats, Request, merge, split
+from hetbatch.adapters.base import DeviceFailed, PredictError
+from hetbatch.worker.batching import Batcher, BatchStats, CallSize, Request, merge, split
 
 
 def double(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -198,4 +198,55 @@ def test_busy_time_counts_overlapping_calls_once() -> None:
         time.sleep(0.01)
     compute, busy = sum(s.compute_s for s in stats), sum(s.busy_s for s in stats)
     assert compute >= 0.4 and 0.2 <= busy < 0.3
+    batcher.close()
+
+
+def test_the_learned_call_size_survives_across_jobs() -> None:
+    """A model that runs out of memory above 16 rows: the first job learns it, the second
+    identical job meets no out-of-memory error at all."""
+    ooms: list[int] = []
+
+    def small_gpu(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if len(inputs["x"]) > 16:
+            ooms.append(len(inputs["x"]))
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        return double(inputs)
+
+    batcher, _ = _batcher(small_gpu, max_batch_rows=100)
+    x = np.arange(100.0)[:, None]
+    first = batcher.submit({"x": x}, 100).result(timeout=5)
+    assert ooms == [100, 50, 25] and batcher.call_size.rows == 12
+    second = batcher.submit({"x": x}, 100).result(timeout=5)
+    assert ooms == [100, 50, 25]  # nothing new: the second job ran at the learned size
+    np.testing.assert_array_equal(first["y"], x * 2)
+    np.testing.assert_array_equal(second["y"], x * 2)
+    batcher.close()
+
+
+def test_the_call_size_probes_upward_only_after_many_clean_calls() -> None:
+    size = CallSize(64, probe_after=3)
+    assert size.out_of_memory(64) == 32
+    size.succeeded(10)  # a short call says nothing about 32 rows
+    size.succeeded(32)
+    size.succeeded(32)
+    assert size.rows == 32
+    size.succeeded(32)
+    assert size.rows == 64  # the probe
+    assert size.out_of_memory(64) == 32 and size.probe_after == 6  # a failed probe: wait longer next time
+
+
+def test_a_sticky_device_error_goes_to_on_fatal_and_answers_nobody() -> None:
+    fatal: list[BaseException] = []
+
+    def poisoned(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise DeviceFailed("torch on gpu: CUDA error: an illegal memory access was encountered")
+
+    batcher = Batcher(poisoned, max_batch_rows=8, max_delay_ms=0, on_fatal=fatal.append)
+    future = batcher.submit({"x": np.ones((4, 1))}, 4)
+    import time
+
+    deadline = time.monotonic() + 5
+    while not fatal and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(fatal) == 1 and isinstance(fatal[0], DeviceFailed) and not future.done()
     batcher.close()

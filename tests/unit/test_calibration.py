@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hetbatch.producers.protocol.keys import Keys
 from hetbatch.producers.protocol.registry import Registry
-from hetbatch.producers.protocol.wire import Keys
 from hetbatch.worker.modelops.registration import build_spec
 from hetbatch.worker.models import ModelCache
 from hetbatch.worker.settings import WorkerSettings
@@ -78,7 +78,7 @@ def test_a_probe_the_model_rejects_keeps_one_every_core_call(tmp_path: Path) -> 
     directory = tmp_path / "embed"
     directory.mkdir()
     onnx.save(model, directory / "model.onnx")
-    from hetbatch.worker.modelops.registration import write_config
+    from hetbatch.worker.modelops.config import write_config
 
     write_config(directory, name="embed", framework="onnx", artifact="model.onnx")
     cache, loaded = _load(tmp_path, directory)

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from hetbatch.producers.errors import PayloadError, PayloadTooLarge, RemoteError
+from hetbatch.producers.protocol.keys import Keys
 from hetbatch.producers.protocol.wire import (
     Item,
     Notice,
@@ -25,7 +26,12 @@ from hetbatch.producers.protocol.wire import (
 
 def test_an_envelope_survives_json() -> None:
     env = TaskEnvelope(
-        "m", "3", (Item("j1", 0, 5), Item("j2", 0, 7)), payload_key="hb:in:x", reply_to="r", deadline=12.5
+        "m",
+        "3",
+        (Item("j1", 0, 5), Item("j2", 0, 7)),
+        payload_key=Keys().input("j1", 0),
+        reply_to=Keys().reply("c"),
+        deadline=12.5,
     )
     back = TaskEnvelope.from_dict(json.loads(json.dumps(env.to_dict())))
     assert back == env

@@ -28,7 +28,7 @@ def _build_models(root: Path) -> tuple[Any, list[str]]:
     from sklearn.datasets import load_breast_cancer
     from sklearn.ensemble import RandomForestClassifier
 
-    from hetbatch.worker.modelops.registration import write_config
+    from hetbatch.worker.modelops.config import write_config
 
     data = load_breast_cancer()  # no as_frame: the demo needs no pandas
     features = [str(c).replace(" ", "_") for c in data.feature_names]
@@ -110,7 +110,7 @@ def run_demo(
     import pyarrow.parquet as pq
 
     from hetbatch.producers import Client
-    from hetbatch.worker.cli import main as cli_main
+    from hetbatch.worker.cli.run import score_parquet
     from hetbatch.worker.modelops.registration import build_spec
 
     root = Path(workdir).resolve()
@@ -135,23 +135,10 @@ def run_demo(
             client.predict("demo-forest-onnx", {"X": X[:8]}, timeout_s=120)
         print(f"workers up (log: {root / 'worker.log'}); scoring {rows:,} rows through queue onnx.cpu")
         started = time.perf_counter()
-        args = [
-            "--redis-url",
-            url,
-            "run",
-            "--model",
-            "demo-forest-onnx",
-            "--keep",
-            "id",
-            "--input",
-            str(root / "input.parquet"),
-            "--output",
-            str(root / "output.parquet"),
-        ]
-        code = cli_main(args)
+        with Client.from_url(url) as client:  # what 'hetbatch run --keep id' does
+            score_parquet(client, "demo-forest-onnx", str(root / "input.parquet"), str(root / "output.parquet"),
+                          keep=["id"])  # fmt: skip
         queued_s = time.perf_counter() - started
-        if code:
-            return code
         session = ort.InferenceSession(str(root / "forest-onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
         inproc_s = _inprocess_parquet(session, root, features)
         out = pq.read_table(root / "output.parquet")

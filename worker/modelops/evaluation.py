@@ -8,23 +8,22 @@ member). Accuracy is higher-better; ``rmse`` and ``mae`` are lower-better.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hetbatch.producers.errors import ConfigError
 
-if TYPE_CHECKING:  # the CLI imports this module to build its parser: keep that light
+if TYPE_CHECKING:  # the CLI imports this module for METRICS when it builds its parser: keep that light
     import pyarrow as pa
 
     from hetbatch.producers.client import Client
     from hetbatch.producers.protocol.ensemble import EnsembleSpec
 
-__all__ = ["METRICS", "add_parser", "evaluate"]
+__all__ = ["METRICS", "evaluate"]
 
 # name -> (score(y_true, y_pred), higher is better)
 METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], bool]] = {
@@ -91,31 +90,3 @@ def evaluate(
     new = replace(spec, version="", created=0.0, sha256="", params=params)
     registered: EnsembleSpec = client.registry.register(new)
     return registered
-
-
-def _cmd(args: argparse.Namespace) -> int:
-    from hetbatch.producers.client import Client
-    from hetbatch.producers.settings import ClientSettings
-
-    client = Client(ClientSettings.from_env(redis_url=args.redis_url))
-    try:
-        spec = evaluate(client, args.name, args.data, args.label, metric=args.metric, timeout_s=args.timeout_s)
-    finally:
-        client.close()
-    params: dict[str, Any] = dict(spec.params)
-    for ref, value in params["scores"].items():
-        print(f"  {ref:40} {params['metric']} = {value:.6g}{'   <- chosen' if ref == params['choice'] else ''}")
-    print(f"registered {spec.ref}: select runs {params['choice']}")
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``hetbatch ensembles evaluate NAME --data F --label COL``."""
-    p = sub.add_parser("ensembles", help="evaluate a select ensemble's members and record the best")
-    p.add_argument("action", choices=["evaluate"])
-    p.add_argument("name", help="ensemble name[@version]")
-    p.add_argument("--data", required=True, help="labelled Parquet file with the members' inputs")
-    p.add_argument("--label", required=True, help="column holding the true values")
-    p.add_argument("--metric", default=None, choices=sorted(METRICS), help="default: accuracy for classifiers")
-    p.add_argument("--timeout-s", type=float, default=600.0)
-    p.set_defaults(func=_cmd)

@@ -11,107 +11,41 @@ A minimal ``model.toml``::
     artifact = "model.skops"     # relative to the directory
     device = "cpu"               # cpu | gpu
     # sha256 = "..."             # pin: required for pickle-based artifacts
-    # max_batch_rows = 8192, max_delay_ms = 2, nan = "reject", fallback = "cpu"
+    # max_batch_rows = 8192, max_delay_ms = 2, nan = "reject" (default; or "pass"), fallback = "cpu"
     [options]                    # framework-specific
     methods = ["predict", "predict_proba"]
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from hetbatch.adapters import Adapter, adapter_class, sha256_of
 from hetbatch.producers.errors import ConfigError
 from hetbatch.producers.protocol.registry import ModelSpec, Registry, Spec
 from hetbatch.producers.protocol.schema import TensorSpec
+from hetbatch.worker.modelops.config import CONFIG_NAME, read_config, write_config
+from hetbatch.worker.modelops.ensemble_config import build_ensemble
+from hetbatch.worker.models import output_row_bytes
 
 __all__ = ["CONFIG_NAME", "build_spec", "read_config", "register_path", "write_config"]
-
-CONFIG_NAME = "model.toml"
-_KEYS = {
-    "name",
-    "framework",
-    "artifact",
-    "device",
-    "sha256",
-    "version",
-    "max_batch_rows",
-    "max_delay_ms",
-    "nan",
-    "fallback",
-    "classes",
-    "options",
-    "inputs",
-    "outputs",
-    "kind",
-}
-
-
-def read_config(path: str | Path, known: set[str] | None = _KEYS) -> tuple[dict[str, Any], Path]:
-    """Read ``model.toml`` from a directory (or the file itself); returns (config, directory).
-
-    ``known`` are the keys allowed (None: any; ensembles have their own set).
-
-    Raises:
-        ConfigError: missing or unparsable file, or unknown keys.
-    """
-    path = Path(path)
-    file = path / CONFIG_NAME if path.is_dir() else path
-    try:
-        config = tomllib.loads(file.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"no {CONFIG_NAME} in {path}; see 'hetbatch models register --help'") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{file}: {exc}") from exc
-    unknown = sorted(set(config) - set(known)) if known is not None else []
-    if unknown:
-        raise ConfigError(f"{file}: unknown keys {unknown}; known: {sorted(known or ())}")
-    return config, file.parent
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    raise ConfigError(f"cannot write {type(value).__name__} to {CONFIG_NAME}")
-
-
-def write_config(directory: str | Path, **config: Any) -> Path:
-    """Write a ``model.toml``: flat keys, an ``options`` table, ``inputs`` tables.
-
-    Returns the directory, ready for ``build_spec``.
-    """
-    directory = Path(directory)
-    options = dict(config.pop("options", {}) or {})
-    inputs = list(config.pop("inputs", []) or [])
-    lines = [f"{k} = {_toml_value(v)}" for k, v in config.items() if v is not None]
-    if options:
-        lines.append("[options]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in options.items()]
-    for spec in inputs:
-        lines.append("[[inputs]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in spec.items()]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_NAME).write_text("\n".join(lines) + "\n")
-    return directory
 
 
 def _inputs(config: dict[str, Any], adapter: Adapter, name: str) -> tuple[TensorSpec, ...]:
     found, _ = adapter.describe()
     if config.get("inputs"):
-        declared = tuple(TensorSpec.from_dict(t) for t in config["inputs"])
-        # The worker hands the model its inputs by these names: a typo would fail every job.
-        if sorted(t.name for t in declared) != sorted(i.name for i in found):
+        try:
+            declared = tuple(TensorSpec.from_dict(t) for t in config["inputs"])
+        except (ValueError, KeyError) as exc:
+            raise ConfigError(f"model {name!r}: [[inputs]]: {exc}") from exc
+        # The worker hands the model its inputs by these names (and a ragged input's
+        # lengths and mask by theirs): a typo would fail every job.
+        given = [t.name for t in declared] + [c for t in declared for c in (t.lengths, t.mask) if c]
+        if sorted(given) != sorted(i.name for i in found):
             raise ConfigError(
-                f"model {name!r}: [[inputs]] names {[t.name for t in declared]}, the model takes "
+                f"model {name!r}: [[inputs]] names {given} (with lengths and masks), the model takes "
                 f"{[i.name for i in found]}; rename them (or set options.input_names where the framework allows)"
             )
         return declared
@@ -155,9 +89,29 @@ def build_spec(path: str | Path, **overrides: Any) -> ModelSpec:
         inputs = _inputs(config, adapter, config["name"])
         outputs = tuple(config.get("outputs") or [o.name for o in adapter.describe()[1]])
         classes = config.get("classes") or adapter.classes()
+        spec = _spec(config, artifact, actual, pinned, inputs, outputs, classes, options)
+        # What one row's outputs weigh: the client cuts jobs so a chunk's result fits too.
+        return replace(spec, output_bytes=output_row_bytes(adapter, spec))
     finally:
         adapter.unload()
+
+
+def _spec(
+    config: dict[str, Any],
+    artifact: Path,
+    actual: str,
+    pinned: str | None,
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[str, ...],
+    classes: Any,
+    options: dict[str, Any],
+) -> ModelSpec:
+    try:
+        ragged_outputs = tuple(str(o) for o in config.get("ragged_outputs") or ())
+    except TypeError as exc:
+        raise ConfigError(f"model {config['name']!r}: ragged_outputs must be a list of output names") from exc
     return ModelSpec(
+        ragged_outputs=ragged_outputs,
         name=str(config["name"]),
         framework=str(config["framework"]),
         artifact=str(artifact),
@@ -169,7 +123,7 @@ def build_spec(path: str | Path, **overrides: Any) -> ModelSpec:
         pinned=pinned is not None,
         max_batch_rows=config.get("max_batch_rows"),
         max_delay_ms=config.get("max_delay_ms"),
-        nan=str(config.get("nan", "pass")),
+        nan=str(config.get("nan", "reject")),
         fallback=config.get("fallback"),
         classes=tuple(classes) if classes is not None else None,
         options=options,
@@ -184,7 +138,5 @@ def register_path(registry: Registry, path: str | Path, **overrides: Any) -> Spe
         ConfigError: invalid config; ModelLoadError and friends: the artifact cannot be loaded.
     """
     if read_config(path, known=None)[0].get("kind") == "ensemble":
-        from hetbatch.worker.modelops.ensemble_config import build_ensemble
-
         return registry.register(build_ensemble(path, registry, **overrides))
     return registry.register(build_spec(path, **overrides))

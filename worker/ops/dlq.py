@@ -1,17 +1,22 @@
-"""The dead-letter list: tasks that reached the attempt cap, and the ``hetbatch dlq`` command.
+"""The dead-letter list: tasks that reached the attempt cap (``hetbatch dlq`` shows and retries them).
 
 A task is dead-lettered when it was started ``max_attempts`` times without finishing
 (each start killed its worker: a *poison* job) or when the reconciler finds it lost
 again with its attempts spent. Its items without a result get a ``PoisonJob`` error
 result, so the producer is told instead of waiting; the envelope stays in the ledger
 so that ``hetbatch dlq retry`` can publish it again once the cause is fixed.
+
+An entry that names no job it could be answered to (a lane entry or task body that is
+not an envelope) is dead-lettered raw (``bury_raw``): its first ``RAW_KEEP_BYTES``
+bytes, its size, the reason and the list it came from; ``hetbatch dlq list`` shows
+it, and ``retry`` skips it (there is nothing to run).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -19,13 +24,16 @@ from typing import Any, cast
 import redis
 
 from hetbatch.producers.errors import PayloadError, RemoteError
-from hetbatch.producers.protocol.ledger import LedgerKeys, task_id_of
-from hetbatch.producers.protocol.wire import Keys, TaskEnvelope, pack_header
+from hetbatch.producers.protocol.keys import Keys
+from hetbatch.producers.protocol.ledger import task_id_of
+from hetbatch.producers.protocol.wire import TaskEnvelope, pack_header
 from hetbatch.worker.results import Done, Outcome, ResultWriter, outcomes_of
 
-__all__ = ["DeadLetter", "DeadLetters", "add_parser"]
+__all__ = ["POISON", "RAW_KEEP_BYTES", "DeadLetter", "DeadLetters"]
 
 POISON = "PoisonJob"
+RAW_KEEP_BYTES = 64 * 1024  # of an undecodable entry, kept for a post-mortem
+RAW_PREFIX = "raw-"  # dead-letter ids of undecodable entries
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,6 @@ class DeadLetters:
     def __init__(self, client: redis.Redis, keys: Keys, *, result_ttl_s: int = 86_400) -> None:
         self.redis = client
         self.keys = keys
-        self.lk = LedgerKeys(keys.prefix)
         self.writer = ResultWriter(client, keys, ttl_s=result_ttl_s, inline_bytes=65_536)
         self.result_ttl_s = result_ttl_s
 
@@ -71,7 +78,7 @@ class DeadLetters:
         )
         outcomes = outcomes_of(env, [Done(0, list(env.items), error=error)], max_bytes=1 << 62)
         self.writer.write(outcomes, env.reply_to)
-        key = self.lk.task(task_id)
+        key = self.keys.task(task_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(
             key,
@@ -80,33 +87,49 @@ class DeadLetters:
         if queue:
             pipe.hset(key, "queue", queue)
         pipe.expire(key, self.result_ttl_s)
-        pipe.lrem(self.lk.dlq(), 0, task_id)
-        pipe.lpush(self.lk.dlq(), task_id)
-        pipe.zrem(self.lk.ledger(), task_id)
-        pipe.hincrby(self.lk.stats(), "dead_lettered", 1)
+        pipe.lrem(self.keys.dlq(), 0, task_id)
+        pipe.lpush(self.keys.dlq(), task_id)
+        pipe.zrem(self.keys.ledger(), task_id)
+        pipe.hincrby(self.keys.reliability(), "dead_lettered", 1)
         pipe.execute()
         return outcomes
 
+    def bury_raw(self, raw: bytes, reason: str, queue: str) -> str:
+        """Dead-letter an entry that names no job (see the module docstring); returns its id.
+
+        Raises:
+            redis.RedisError: Redis is unreachable or refused the write.
+        """
+        task_id = f"{RAW_PREFIX}{uuid.uuid4().hex}"
+        key = self.keys.task(task_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            key,
+            mapping={"raw": raw[:RAW_KEEP_BYTES], "size": len(raw), "dead": time.time(), "reason": reason[:2000],
+                     "queue": queue, "attempts": 0},
+        )  # fmt: skip
+        pipe.expire(key, self.result_ttl_s)
+        pipe.lpush(self.keys.dlq(), task_id)
+        pipe.hincrby(self.keys.reliability(), "dead_lettered_raw", 1)
+        pipe.execute()
+        return task_id
+
     def entries(self) -> list[DeadLetter]:
         """Dead-lettered tasks, newest first (entries whose ledger record expired are dropped)."""
-        ids = [t.decode() for t in cast(list[bytes], self.redis.lrange(self.lk.dlq(), 0, -1))]
+        ids = [t.decode() for t in cast(list[bytes], self.redis.lrange(self.keys.dlq(), 0, -1))]
         pipe = self.redis.pipeline(transaction=False)
         for task_id in ids:
-            pipe.hgetall(self.lk.task(task_id))
+            pipe.hgetall(self.keys.task(task_id))
         out = []
         for task_id, raw in zip(ids, pipe.execute(), strict=True):
-            if not raw or b"env" not in raw:
-                self.redis.lrem(self.lk.dlq(), 0, task_id)
+            if not raw or (b"env" not in raw and b"raw" not in raw):
+                self.redis.lrem(self.keys.dlq(), 0, task_id)
                 continue
-            env = json.loads(raw[b"env"])
-            try:
-                jobs = tuple(i.job_id for i in TaskEnvelope.from_dict(env).items)
-            except PayloadError:
-                jobs = ()  # recorded by a producer of another schema: the task id still names it
+            model, jobs = _describe(raw)
             out.append(
                 DeadLetter(
                     task_id=task_id,
-                    model=f"{env['model']}@{env['version']}",
+                    model=model,
                     jobs=jobs,
                     attempts=int(raw.get(b"attempts", 0)),
                     reason=raw.get(b"reason", b"").decode(),
@@ -131,7 +154,7 @@ class DeadLetters:
         """
         retried = []
         for task_id in task_ids:
-            raw = cast(dict[bytes, bytes], self.redis.hgetall(self.lk.task(task_id)))
+            raw = cast(dict[bytes, bytes], self.redis.hgetall(self.keys.task(task_id)))
             if b"env" not in raw or b"queue" not in raw:
                 continue
             body = json.loads(raw[b"env"])
@@ -142,10 +165,10 @@ class DeadLetters:
             pipe = self.redis.pipeline(transaction=True)
             if poisoned:
                 pipe.delete(*poisoned)
-            pipe.hset(self.lk.task(task_id), "attempts", 0)
-            pipe.hdel(self.lk.task(task_id), "dead", "reason")
-            pipe.lrem(self.lk.dlq(), 0, task_id)
-            pipe.zadd(self.lk.ledger(), {task_id: time.time()})
+            pipe.hset(self.keys.task(task_id), "attempts", 0)
+            pipe.hdel(self.keys.task(task_id), "dead", "reason")
+            pipe.lrem(self.keys.dlq(), 0, task_id)
+            pipe.zadd(self.keys.ledger(), {task_id: time.time()})
             pipe.execute()
             publish(body, raw[b"queue"].decode(), task_id)
             retried.append(task_id)
@@ -156,14 +179,26 @@ class DeadLetters:
         ids = (
             list(task_ids)
             if task_ids is not None
-            else [t.decode() for t in cast(list[bytes], self.redis.lrange(self.lk.dlq(), 0, -1))]
+            else [t.decode() for t in cast(list[bytes], self.redis.lrange(self.keys.dlq(), 0, -1))]
         )
         pipe = self.redis.pipeline(transaction=True)
         for task_id in ids:
-            pipe.lrem(self.lk.dlq(), 0, task_id)
-            pipe.delete(self.lk.task(task_id))
+            pipe.lrem(self.keys.dlq(), 0, task_id)
+            pipe.delete(self.keys.task(task_id))
         pipe.execute()
         return len(ids)
+
+
+def _describe(record: dict[bytes, bytes]) -> tuple[str, tuple[str, ...]]:
+    """``(model, job ids)`` of a dead-letter record; ``("-", ())`` for a raw entry or one
+    recorded by a producer of another schema (the task id still names it)."""
+    if b"env" not in record:
+        return "-", ()
+    try:
+        env = TaskEnvelope.from_dict(json.loads(record[b"env"]))
+    except (ValueError, PayloadError):
+        return "-", ()
+    return env.ref, tuple(i.job_id for i in env.items)
 
 
 def _is_poison(stored: bytes) -> bool:
@@ -178,38 +213,3 @@ def _is_poison(stored: bytes) -> bool:
         return bool(json.loads(stored[1:]).get("type") == POISON)
     except ValueError:
         return False
-
-
-def _cmd_dlq(args: argparse.Namespace) -> int:
-    from hetbatch.producers.settings import ClientSettings
-    from hetbatch.worker.ops.reconciler import Republisher
-
-    settings = ClientSettings.from_env(redis_url=args.redis_url)
-    client = redis.Redis.from_url(settings.redis_url)
-    dlq = DeadLetters(client, Keys(settings.prefix), result_ttl_s=settings.result_ttl_s)
-    try:
-        if args.action == "list":
-            entries = dlq.entries()
-            if not entries:
-                print("the dead-letter list is empty")
-            for e in entries:
-                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.dead))
-                print(f"{e.task_id}  {e.model}  jobs={len(e.jobs)}  attempts={e.attempts}  {when}  {e.reason}")
-        elif args.action == "retry":
-            ids = args.task_ids or [e.task_id for e in dlq.entries()]
-            with Republisher(settings.redis_url) as pub:
-                done = dlq.retry(ids, pub.publish)
-            print(f"retried {len(done)} task(s)")
-        else:
-            print(f"purged {dlq.purge(args.task_ids or None)} task(s)")
-    finally:
-        client.close()
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``hetbatch dlq list|retry|purge [TASK_ID...]`` (retry and purge: all when none given)."""
-    p = sub.add_parser("dlq", help="list, retry or purge dead-lettered (poison) jobs")
-    p.add_argument("action", choices=["list", "retry", "purge"])
-    p.add_argument("task_ids", nargs="*", help="task ids (default: every dead-lettered task)")
-    p.set_defaults(func=_cmd_dlq)

@@ -11,7 +11,6 @@ page and the HTTP API need them.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -19,7 +18,7 @@ import sys
 from hetbatch.producers.errors import ConfigError
 from hetbatch.worker.settings import WorkerSettings
 
-__all__ = ["add_parser", "basic_auth", "cmd_flower"]
+__all__ = ["basic_auth", "run_flower"]
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +40,29 @@ def basic_auth(settings: WorkerSettings) -> str:
     return f"{user}:{password}"
 
 
-def cmd_flower(args: argparse.Namespace) -> int:
-    """Run Flower until interrupted.
+def run_flower(
+    settings: WorkerSettings,
+    *,
+    address: str = "0.0.0.0",
+    max_tasks: int = 10_000,
+    url_prefix: str = "",
+    no_auth: bool = False,
+) -> None:
+    """Run Flower on ``settings.flower_port`` until interrupted.
+
+    Args:
+        settings: the workers' settings (broker, Flower credentials and port).
+        address: the interface to listen on.
+        max_tasks: tasks Flower keeps in memory.
+        url_prefix: serve under this path (behind a reverse proxy).
+        no_auth: run without authentication (warns; unsafe outside a closed network).
 
     Raises:
-        ConfigError: no credentials and no ``--no-auth``.
+        ConfigError: no credentials and not ``no_auth``.
     """
     from hetbatch.worker.app import make_app
 
-    settings = WorkerSettings.from_env(redis_url=args.redis_url, flower_port=args.port)
-    if args.no_auth:
+    if no_auth:
         message = "Flower runs WITHOUT authentication (--no-auth): anyone who reaches the port sees every task"
         log.warning(message)
         print(f"hetbatch: warning: {message}", file=sys.stderr)
@@ -58,19 +70,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
     else:
         os.environ["FLOWER_BASIC_AUTH"] = basic_auth(settings)
     app = make_app(settings)
-    argv = ["flower", f"--port={settings.flower_port}", f"--address={args.address}", f"--max_tasks={args.max_tasks}"]
-    if args.url_prefix:
-        argv.append(f"--url_prefix={args.url_prefix}")
+    argv = ["flower", f"--port={settings.flower_port}", f"--address={address}", f"--max_tasks={max_tasks}"]
+    if url_prefix:
+        argv.append(f"--url_prefix={url_prefix}")
     app.start(argv)
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``hetbatch flower`` to the CLI."""
-    p = sub.add_parser("flower", help="start Flower (basic auth from HETBATCH_FLOWER_USER/_PASSWORD)")
-    p.add_argument("--port", type=int, default=None, help="listen port (default: $HETBATCH_FLOWER_PORT or 5555)")
-    p.add_argument("--address", default="0.0.0.0", help="listen address")
-    p.add_argument("--max-tasks", type=int, default=10_000, help="tasks Flower keeps in memory")
-    p.add_argument("--url-prefix", default="", help="serve under this path, behind a reverse proxy")
-    p.add_argument("--no-auth", action="store_true", help="run without authentication (warns; unsafe)")
-    p.set_defaults(func=cmd_flower)

@@ -18,33 +18,27 @@ leader at a time (a Redis lock with a TTL) does the sweeping.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
 
 from hetbatch.producers.errors import PayloadError
-from hetbatch.producers.protocol.kombu import lane_list
-from hetbatch.producers.protocol.ledger import LedgerKeys, task_id_of
-from hetbatch.producers.protocol.wire import TASK_NAME, Keys, TaskEnvelope
-from hetbatch.worker.lane import held_index
+from hetbatch.producers.protocol.keys import Keys, lane_list
+from hetbatch.producers.protocol.kombu import queue_reads, read_task_ids
+from hetbatch.producers.protocol.ledger import task_id_of
+from hetbatch.producers.protocol.scripts import script
+from hetbatch.producers.protocol.wire import TASK_NAME, TaskEnvelope
 from hetbatch.worker.ops.dlq import DeadLetters
 
-__all__ = ["LeaderLock", "Reconciler", "Republisher", "SweepReport", "add_parser"]
+__all__ = ["LeaderLock", "Reconciler", "Republisher", "SweepReport", "run"]
 
 log = logging.getLogger(__name__)
-
-_PRIORITY_STEPS = 10  # matches the apps' priority_steps
-_UNACKED = "unacked"  # kombu's hash of delivered, unacked messages
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
 
 
 class Republisher:
@@ -78,7 +72,7 @@ class LeaderLock:
         self.key = key
         self.ttl_ms = int(ttl_s * 1000)
         self.owner = uuid.uuid4().hex
-        self._renew = client.register_script(_RENEW)
+        self._renew = script(client, "lock_renew")
 
     def acquire(self) -> bool:
         """Take or keep the lock; False while someone else holds it."""
@@ -127,7 +121,6 @@ class Reconciler:
     ) -> None:
         self.redis = client
         self.keys = keys
-        self.lk = LedgerKeys(keys.prefix)
         self.publish = publish
         self.overdue_s = overdue_s
         self.max_attempts = max_attempts
@@ -143,7 +136,7 @@ class Reconciler:
             t.decode()
             for t in cast(
                 list[bytes],
-                self.redis.zrangebyscore(self.lk.ledger(), "-inf", now - self.overdue_s, start=0, num=self.batch),
+                self.redis.zrangebyscore(self.keys.ledger(), "-inf", now - self.overdue_s, start=0, num=self.batch),
             )
         ]
         if not ids:
@@ -151,7 +144,7 @@ class Reconciler:
             return report
         pipe = self.redis.pipeline(transaction=False)
         for task_id in ids:
-            pipe.hmget(self.lk.task(task_id), ["env", "queue", "attempts"])
+            pipe.hmget(self.keys.task(task_id), ["env", "queue", "attempts"])
         entries: dict[str, tuple[TaskEnvelope, dict[str, Any], str, int]] = {}
         gone = []
         for task_id, (env_raw, queue, attempts) in zip(ids, pipe.execute(), strict=True):
@@ -183,11 +176,11 @@ class Reconciler:
         self._missing = {t for t in unfinished if t not in present and t not in later and t not in report.dead_lettered}
         pipe = self.redis.pipeline(transaction=False)
         if drop:
-            pipe.zrem(self.lk.ledger(), *drop)
+            pipe.zrem(self.keys.ledger(), *drop)
         if later:
-            pipe.zadd(self.lk.ledger(), later, xx=True)
+            pipe.zadd(self.keys.ledger(), later, xx=True)
         if report.republished:
-            pipe.hincrby(self.lk.stats(), "republished", len(report.republished))
+            pipe.hincrby(self.keys.reliability(), "republished", len(report.republished))
         pipe.execute()
         if report.republished or report.dead_lettered:
             log.warning(
@@ -209,7 +202,7 @@ class Reconciler:
 
     def _held_lists(self) -> list[str]:
         """The lane lists live workers vouch for; those of dead workers are forgotten."""
-        index = held_index(self.keys.prefix)
+        index = self.keys.held_index()
         now_ms = time.time() * 1000
         held = {k.decode(): float(v) for k, v in cast(dict[bytes, bytes], self.redis.hgetall(index)).items()}
         stale = [k for k, until in held.items() if until < now_ms]
@@ -220,23 +213,14 @@ class Reconciler:
     def _in_broker(self, queues: set[str]) -> set[str]:
         """Task ids of every message waiting in ``queues`` or delivered and not yet acked,
         and of every job waiting on those queues' lanes or held by a live worker's lane."""
-        pipe = self.redis.pipeline(transaction=False)
-        for queue in sorted(queues):
-            for pri in range(_PRIORITY_STEPS):
-                pipe.lrange(queue if pri == 0 else f"{queue}:{pri}", 0, -1)
-        pipe.hvals(_UNACKED)
         lanes = [lane_list(q) for q in sorted(queues)] + self._held_lists()
+        pipe = self.redis.pipeline(transaction=False)
+        split = queue_reads(pipe, queues)
         for key in lanes:
             pipe.lrange(key, 0, -1)
-        found: set[str] = set()
         results = pipe.execute()
-        split = len(results) - len(lanes) - 1
-        for raw in [m for chunk in results[:split] for m in chunk]:
-            found.add(_message_id(raw))
-        for raw in results[split]:
-            found.add(_message_id(raw, unacked=True))
-        for raw in [m for chunk in results[split + 1 :] for m in chunk]:
-            found.add(_lane_id(raw))
+        found = read_task_ids(results[:split])
+        found.update(_lane_id(raw) for chunk in results[split:] for raw in chunk)
         return found
 
 
@@ -248,47 +232,35 @@ def _lane_id(raw: bytes) -> str:
         return ""
 
 
-def _message_id(raw: bytes, unacked: bool = False) -> str:
-    """The Celery task id in a kombu message (unacked entries are ``[message, exchange, key]``)."""
+def run(
+    redis_url: str,
+    keys: Keys,
+    *,
+    once: bool = False,
+    interval_s: float = 10.0,
+    overdue_s: float = 30.0,
+    max_attempts: int = 3,
+    result_ttl_s: int = 86_400,
+    on_sweep: Callable[[SweepReport], None] = lambda report: None,
+) -> None:
+    """Sweep as ``hetbatch reconcile`` does: every ``interval_s`` while leader, or with
+    ``once``, twice 2 s apart (a task is acted on only when found missing two sweeps in a
+    row) and return. ``on_sweep`` gets each sweep's report.
+
+    Raises:
+        redis.RedisError: Redis is unreachable, or refused a command (credentials, ACL).
+    """
+    client = redis.Redis.from_url(redis_url)
+    client.ping()  # fail fast on a wrong URL or password
+    lock = LeaderLock(client, keys.leader(), ttl_s=max(5.0, 3 * interval_s))
     try:
-        message = json.loads(raw)
-        return str((message[0] if unacked else message)["headers"]["id"])
-    except (ValueError, KeyError, TypeError, IndexError):
-        return ""
-
-
-def _cmd_reconcile(args: argparse.Namespace) -> int:
-    from hetbatch.worker.settings import WorkerSettings
-
-    settings = WorkerSettings.from_env(redis_url=args.redis_url)
-    client = redis.Redis.from_url(settings.redis_url)
-    lock = LeaderLock(client, LedgerKeys(settings.prefix).leader(), ttl_s=max(5.0, 3 * args.interval_s))
-    with Republisher(settings.redis_url) as pub:
-        rec = Reconciler(
-            client,
-            Keys(settings.prefix),
-            pub.publish,
-            overdue_s=args.overdue_s if args.overdue_s is not None else settings.overdue_s,
-            max_attempts=settings.max_attempts,
-            result_ttl_s=settings.result_ttl_s,
-        )
-        # --once sweeps twice: a task is acted on only when found missing two sweeps in a row.
-        for _ in range(2) if args.once else iter(int, 1):
-            if args.once or lock.acquire():
-                report = rec.sweep()
-                print(
-                    f"checked={report.checked} done={report.done} queued={report.queued} suspect={report.suspect} "
-                    f"republished={len(report.republished)} dead_lettered={len(report.dead_lettered)}",
-                    flush=True,
-                )
-            time.sleep(2.0 if args.once else args.interval_s)
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``hetbatch reconcile [--once] [--interval-s S] [--overdue-s S]``."""
-    p = sub.add_parser("reconcile", help="re-publish lost jobs and dead-letter poison jobs (leader-elected)")
-    p.add_argument("--once", action="store_true", help="one sweep (twice to act on a lost task), then exit")
-    p.add_argument("--interval-s", type=float, default=10.0, help="seconds between sweeps")
-    p.add_argument("--overdue-s", type=float, default=None, help="task age before it is checked")
-    p.set_defaults(func=_cmd_reconcile)
+        with Republisher(redis_url) as pub:
+            rec = Reconciler(
+                client, keys, pub.publish, overdue_s=overdue_s, max_attempts=max_attempts, result_ttl_s=result_ttl_s
+            )
+            for _ in range(2) if once else iter(int, 1):
+                if once or lock.acquire():
+                    on_sweep(rec.sweep())
+                time.sleep(2.0 if once else interval_s)
+    finally:
+        client.close()
