@@ -132,7 +132,7 @@ def frame_task_id(raw: bytes, unacked: bool = False) -> str:
     try:
         message = json.loads(raw)
         return str((message[0] if unacked else message)["headers"]["id"])
-    except (ValueError, KeyError, TypeError, IndexError):
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
         return ""
 
 
@@ -146,7 +146,7 @@ def frame_envelope(raw: bytes) -> dict[str, Any] | None:
             body = base64.b64decode(body)
         env = json.loads(body)[0][0]
         return cast(dict[str, Any], env) if isinstance(env, dict) and "model" in env else None
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError, binascii.Error):
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, binascii.Error, RecursionError):
         return None
 
 
@@ -254,7 +254,7 @@ _create_client = kombu_redis.Channel._create_client
 def _loads(text: Any) -> Any:
     try:
         return _kombu_loads(text)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:  # b"[" * 100_000 nests past the stack
         shown = text if isinstance(text, str) else repr(text)
         return _Undecodable(shown, f"not a JSON kombu frame: {exc}")
 

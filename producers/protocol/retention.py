@@ -52,7 +52,7 @@ def _envelope(raw: bytes) -> dict[str, Any] | None:
     """The task envelope inside a kombu message or of a lane entry, or None when it is not ours."""
     try:
         message = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if isinstance(message, dict) and "model" in message:  # a lane entry: the bare envelope
         return cast(dict[str, Any], message)

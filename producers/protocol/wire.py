@@ -292,7 +292,7 @@ def decode_result(data: bytes) -> pa.Table | RemoteError:
         try:
             obj = json.loads(bytes(body))
             return RemoteError(str(obj["type"]), str(obj["message"]), dict(obj.get("details") or {}))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise PayloadError(f"stored error result is corrupt: {exc}") from exc
     raise PayloadError(f"stored result has unknown tag {tag!r}")
 
@@ -390,5 +390,5 @@ def decode_notice(data: bytes) -> Notice:
     try:
         job_id, chunk = json.loads(head)
         return Notice(str(job_id), int(chunk), rest if rest else None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise PayloadError(f"malformed reply notice: {exc}") from exc

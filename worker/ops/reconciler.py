@@ -151,7 +151,7 @@ class Reconciler:
             try:
                 body = json.loads(env_raw)
                 entries[task_id] = (TaskEnvelope.from_dict(body), body, queue.decode(), int(attempts or 0))
-            except (TypeError, ValueError, AttributeError, PayloadError):
+            except (TypeError, ValueError, AttributeError, RecursionError, PayloadError):
                 gone.append(task_id)  # the ledger record expired or is unreadable: nothing to redo
         report.checked = len(ids)
         unfinished = self._unfinished(entries)
@@ -228,7 +228,7 @@ def _lane_id(raw: bytes) -> str:
     """The task id of a lane entry (a bare envelope)."""
     try:
         return task_id_of(TaskEnvelope.from_dict(json.loads(raw)))
-    except (ValueError, TypeError, AttributeError, PayloadError):
+    except (ValueError, TypeError, AttributeError, RecursionError, PayloadError):
         return ""
 
 
