@@ -110,7 +110,7 @@ def run_demo(
     import pyarrow.parquet as pq
 
     from hetbatch.producers import Client
-    from hetbatch.worker.cli.run import score_parquet
+    from hetbatch.producers.dataset import RunOptions, run_dataset
     from hetbatch.worker.modelops.registration import build_spec
 
     root = Path(workdir).resolve()
@@ -136,8 +136,8 @@ def run_demo(
         print(f"workers up (log: {root / 'worker.log'}); scoring {rows:,} rows through queue onnx.cpu")
         started = time.perf_counter()
         with Client.from_url(url) as client:  # what 'hetbatch run --keep id' does
-            score_parquet(client, "demo-forest-onnx", str(root / "input.parquet"), str(root / "output.parquet"),
-                          keep=["id"])  # fmt: skip
+            run_dataset(RunOptions("demo-forest-onnx", (str(root / "input.parquet"),), str(root / "output.parquet"),
+                                   keep=("id",)), client)  # fmt: skip
         queued_s = time.perf_counter() - started
         session = ort.InferenceSession(str(root / "forest-onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
         inproc_s = _inprocess_parquet(session, root, features)
