@@ -17,7 +17,7 @@ $(VENV)/.demo-installed: pyproject.toml | $(PY)
 
 $(VENV)/.dev-installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q '$(TORCH)'
-	$(PY) -m pip install -q -e '.[all,dev]' '$(TORCH)'
+	$(PY) -m pip install -q -e '.[all,dev,spark]' '$(TORCH)'
 	touch $@
 
 demo: $(VENV)/.demo-installed
