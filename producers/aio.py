@@ -24,7 +24,7 @@ import pyarrow as pa
 import redis.asyncio as aioredis
 
 from hetbatch.producers.client import Client
-from hetbatch.producers.jobs import FINISHED, Job, outputs
+from hetbatch.producers.jobs import FINISHED, Job, outputs, refuse_deleted
 from hetbatch.producers.protocol.ledger import Attempt
 from hetbatch.producers.protocol.registry import Spec
 from hetbatch.producers.protocol.retention import PurgeReport
@@ -67,9 +67,10 @@ class AsyncJob:
         """The job's outputs, as ``Job.result``.
 
         Raises:
-            JobFailed, JobExpired, JobLost, JobTimeout: as ``Job.result``.
+            JobFailed, JobExpired, JobLost, JobDeleted, JobTimeout: as ``Job.result``.
         """
         job = self._job
+        refuse_deleted(job)
         loaded = job.pack is not None and job.pack.loaded
         return outputs(job, None if loaded else await self._client._collect(job, timeout_s))
 
@@ -86,7 +87,7 @@ class AsyncJob:
         return await asyncio.to_thread(self._job.attempts)
 
     async def delete(self) -> int:
-        """Drop the job's record, inputs and results from Redis now; returns keys deleted."""
+        """As ``Job.delete``: end the job for good; returns keys deleted."""
         return await asyncio.to_thread(self._job.delete)
 
 
@@ -182,9 +183,11 @@ class AsyncClient:
 
         async def take() -> tuple[Any, pa.Table]:
             done, job = window.popleft()
-            table = await job.result(timeout_s=timeout_s)
-            if not keep_results:
-                await job.delete()
+            try:
+                table = await job.result(timeout_s=timeout_s)
+            finally:  # as Client.map: a failed job goes too
+                if not keep_results:
+                    await job.delete()
             return done, table
 
         async for batch in _aiter(batches):

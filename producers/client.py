@@ -21,7 +21,7 @@ import redis
 from celery import Celery
 
 from hetbatch.producers.chunking import arrays_bytes, chunk_bounds
-from hetbatch.producers.errors import BrokerError, JobFailed, RemoteError, SchemaMismatch
+from hetbatch.producers.errors import BrokerError, JobDeleted, JobFailed, RemoteError, SchemaMismatch
 from hetbatch.producers.jobs import Job, Pack
 from hetbatch.producers.protocol.connect import connect
 from hetbatch.producers.protocol.ensemble import EnsembleSpec
@@ -314,8 +314,9 @@ class Client:
     ) -> Iterator[tuple[Any, pa.Table]]:
         """Stream ``(batch, outputs)`` pairs in input order, with at most ``max_in_flight``
         jobs submitted and unread: memory stays bounded whatever the input's size. Each
-        result is deleted from Redis once read (unless ``keep_results``), so Redis
-        holds no more than the window either.
+        job is deleted from Redis once read or failed (``Job.delete``, unless
+        ``keep_results``), so Redis holds no more than the window either (about five
+        keys per job in flight: docs/reliability.md).
 
         Raises:
             the errors of ``submit`` and ``Job.result``, at the batch they concern.
@@ -324,9 +325,11 @@ class Client:
 
         def take() -> tuple[Any, pa.Table]:
             done, job = window.popleft()
-            table = job.result(timeout_s=timeout_s)
-            if not keep_results:
-                job.delete()
+            try:
+                table = job.result(timeout_s=timeout_s)
+            finally:  # a failed job's error result goes too: the error is raised here
+                if not keep_results:
+                    job.delete()
             return done, table
 
         for batch in batches:
@@ -337,24 +340,29 @@ class Client:
             yield take()
 
     def purge(self, model: str) -> PurgeReport:
-        """Drop queued tasks of ``model`` (all versions) and the inputs, results and
-        records of its jobs still in Redis. Tasks a worker already holds finish.
+        """End every job of ``model`` (all versions) for good: its queued tasks and every
+        key of its jobs go now, and a task a worker already holds is never run or
+        answered; reading such a job raises ``JobDeleted`` (``producers.protocol.retention``).
 
         Raises:
             ModelNotFound: unknown name.
         """
         name, _ = parse_ref(model)
         spec = self.registry.model(name)
-        return purge_model(self.redis, self.keys, name, spec.queue, self.settings.shm_dir)
+        ttl_s = max(self.settings.input_ttl_s, self.settings.result_ttl_s)
+        return purge_model(self.redis, self.keys, name, spec.queue, self.settings.shm_dir, ttl_s=ttl_s)
 
     def job(self, job_id: str) -> Job:
         """Re-attach to a job submitted earlier (by this or another process).
 
         Raises:
+            JobDeleted: the job was deleted or purged.
             JobFailed: no record of that job (unknown id or expired).
         """
         unit, _, index = job_id.rpartition("-") if "-" in job_id else (job_id, "", "")
-        raw = cast(bytes | None, self.redis.get(self.keys.job(unit)))
+        raw, ended = cast(list[bytes | None], self.redis.mget([self.keys.job(unit), self.keys.gone(unit)]))
+        if raw is None and ended is not None:
+            raise JobDeleted(job_id, f"it was {ended.decode(errors='replace')} (Job.delete or Client.purge)")
         meta = json.loads(raw) if raw is not None else {}
         sizes = meta.get("pack") or []
         if raw is None or (index and not (index.isdigit() and int(index) < len(sizes))):

@@ -8,12 +8,12 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from hetbatch.producers.errors import JobExpired, JobFailed, JobLost, RemoteError
+from hetbatch.producers.errors import JobDeleted, JobExpired, JobFailed, JobLost, RemoteError
 from hetbatch.producers.protocol.ledger import Attempt
 from hetbatch.producers.protocol.schema import unwrap_tensors
 from hetbatch.producers.protocol.wire import DEVICE_KEY, Status, decode_pack_result, decode_result, pack_header
 
-__all__ = ["FINISHED", "Job", "JobHandle", "Pack", "assemble", "outputs", "status_of"]
+__all__ = ["FINISHED", "Job", "JobHandle", "Pack", "assemble", "outputs", "refuse_deleted", "status_of"]
 
 FINISHED = frozenset({Status.DONE, Status.FAILED, Status.EXPIRED, Status.LOST})
 """The statuses a job never leaves: ``done()`` is true for each (a LOST job will never run)."""
@@ -116,6 +116,16 @@ def outputs(job: Job, payloads: Mapping[int, bytes] | None) -> pa.Table:
     return job.pack.table(job.id, job.index, None if payloads is None else payloads.get(0))
 
 
+def refuse_deleted(job: Job) -> None:
+    """Raise ``JobDeleted`` for a job this process deleted (``Job.delete``).
+
+    Raises:
+        JobDeleted: ``job`` was deleted: nothing of it is left to read.
+    """
+    if job.deleted:
+        raise JobDeleted(job.id, "it was deleted (Job.delete); its results are gone")
+
+
 class Job:
     """A submitted job; ``result()`` waits for all its chunks and reassembles them.
 
@@ -141,6 +151,7 @@ class Job:
         self.index = index
         self.unit = pack.id if pack is not None else job_id
         self.replies = replies
+        self.deleted = False
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, model={self.model!r}, chunks={self.chunks}, rows={self.rows})"
@@ -151,9 +162,11 @@ class Job:
         Raises:
             JobFailed: a worker reported an error for a chunk (first failing chunk).
             JobExpired: the deadline passed before it ran.
+            JobDeleted: the job was deleted or purged.
             JobLost: the job's record or result vanished from Redis: no worker will answer.
             JobTimeout: not finished within ``timeout_s``.
         """
+        refuse_deleted(self)
         loaded = self.pack is not None and self.pack.loaded
         return outputs(self, None if loaded else self.replies.collect(self, timeout_s))
 
@@ -170,10 +183,12 @@ class Job:
         return self.replies.attempts(self)
 
     def delete(self) -> int:
-        """Drop the job's record, inputs and results from Redis now; returns keys deleted.
+        """End the job for good: every key it owns in Redis goes now, and a chunk still
+        queued or running is never run or answered; returns keys deleted.
 
         A job of ``submit_many`` shares them with its pack: this drops the pack's (read
-        the other jobs' results first; a result read before stays readable). A chunk
-        still queued then fails with JobLost.
+        the other jobs' results first; a result read before stays readable). Reading the
+        job afterwards raises ``JobDeleted``.
         """
+        self.deleted = True
         return self.replies.delete(self)

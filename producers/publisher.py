@@ -36,6 +36,7 @@ from hetbatch.producers.protocol.keys import Keys, lane_list
 from hetbatch.producers.protocol.kombu import TRANSPORT_OPTIONS, celery_message, priority_list
 from hetbatch.producers.protocol.ledger import Ledger, task_id_of
 from hetbatch.producers.protocol.registry import Spec, as_model
+from hetbatch.producers.protocol.sentinel import broker
 from hetbatch.producers.protocol.transport import Transport
 from hetbatch.producers.protocol.wire import CELERY_WIRE_CONFIG, TASK_NAME, TaskEnvelope
 
@@ -59,12 +60,13 @@ def priority_level(name: str) -> int:
 
 def make_producer_app(url: str) -> Celery:
     """A Celery app that only publishes: JSON messages, no result backend."""
-    app = Celery("hetbatch-producer", broker=url, set_as_current=False)
+    broker_url, broker_options = broker(url)  # a sentinel:// URL names its master group
+    app = Celery("hetbatch-producer", broker=broker_url, set_as_current=False)
     app.conf.update(
         CELERY_WIRE_CONFIG,
         broker_connection_retry_on_startup=True,
         task_create_missing_queues=True,
-        broker_transport_options=dict(TRANSPORT_OPTIONS),
+        broker_transport_options=dict(TRANSPORT_OPTIONS) | broker_options,
     )
     return app
 

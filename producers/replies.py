@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 import redis
 
-from hetbatch.producers.errors import JobLost, JobTimeout
+from hetbatch.producers.errors import JobDeleted, JobLost, JobTimeout
 from hetbatch.producers.jobs import Job, status_of
 from hetbatch.producers.protocol.connect import connect
 from hetbatch.producers.protocol.keys import Keys
@@ -183,6 +183,7 @@ def collect_steps(inbox: Inbox, keys: Keys, job: Job, timeout_s: float | None) -
     """Wait for every chunk of ``job``'s unit (the job, or its pack); its stored result bytes.
 
     Raises:
+        JobDeleted: the job was deleted or purged (its tombstone says so).
         JobLost: the job's record vanished from Redis with its results missing.
         JobTimeout: not finished within ``timeout_s``.
     """
@@ -211,14 +212,20 @@ def collect_steps(inbox: Inbox, keys: Keys, job: Job, timeout_s: float | None) -
             read, sweep = missing, time.monotonic() + interval
         try:
             recorded = True
+            ended: bytes | None = None
             if read:
-                # A sweep reads the job's record in the same MGET: one command, not two.
-                stored = yield Mget([keys.result(unit, c) for c in read] + ([keys.job(unit)] if swept else []))
+                # A sweep reads the job's record and tombstone in the same MGET: one command, not three.
+                record = [keys.job(unit), keys.gone(unit)] if swept else []
+                stored = yield Mget([keys.result(unit, c) for c in read] + record)
                 payloads.update({c: v for c, v in zip(read, stored, strict=False) if v is not None})
-                recorded = not swept or stored[-1] is not None
+                recorded = not swept or stored[-2] is not None
+                ended = stored[-1] if swept else None
             if len(payloads) == chunks:
                 inbox.untrack(unit)
                 return payloads
+            if not recorded and ended:
+                how = ended.decode(errors="replace")
+                raise JobDeleted(job.id, f"it was {how} (Job.delete or Client.purge); it will never run")
             if not recorded:
                 # The job's record went (deleted, or Redis restarted without persistence):
                 # no worker will ever answer, so say so instead of waiting.

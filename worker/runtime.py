@@ -188,6 +188,12 @@ class Runtime:
         return {"models": models, "tasks": len(envs), "failed": failed, "rows": sum(env.rows for env in envs)}
 
     def _handle(self, env: TaskEnvelope, start: Start) -> dict[str, Any]:
+        if start.verdict is Verdict.GONE:
+            # Deleted or purged: never run, never answered; only an input the deletion could
+            # not reach (a shared-memory file of this host, deleted from another) goes too.
+            keys, files = self.transport.consumed([env])
+            self.transport.drop(self.redis, keys, files)
+            return {"model": env.model, "gone": len(env.items)}
         todo = self._pending_items(env, start.done)
         if not todo:
             self._after_store([(env, [])])

@@ -288,8 +288,12 @@ def _send_wave(client: Client, cases: list[dict[str, Any]], built: Built) -> Non
         _Tally.latencies.append(time.monotonic() - sent_at[notice.job_id])
         arrived[notice.job_id] = time.time()
     for case in cases:
-        # From the worker starting the task to its result reaching the producer.
-        _Tally.processing.append(arrived[case["job_id"]] - client.ledger.attempts(case["job_id"])[0].started)
+        # From the worker starting the task to its result reaching the producer; an envelope
+        # refused before the worker starts it (a payload name that is not the job's own) has
+        # no attempt and is answered at once.
+        attempts = client.ledger.attempts(case["job_id"])
+        if attempts:
+            _Tally.processing.append(arrived[case["job_id"]] - attempts[0].started)
         stored = client.redis.get(client.keys.result(case["job_id"], 0))
         assert stored is not None
         decoded = decode_result(results[case["job_id"]])
