@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU wheel from this machine's disk; an unpinned torch pulls multi-GB CUDA builds.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint typecheck check bench bench-quick chaos clean
+.PHONY: demo test lint typecheck check bench bench-quick bench-rows chaos clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: $(VENV)/.dev-installed
 
 bench-quick: $(VENV)/.dev-installed
 	$(PY) -m bench.run --quick
+
+# Big rows, big outputs, ragged token sequences vs in-process (bench/rowsize.py).
+bench-rows: $(VENV)/.dev-installed
+	$(PY) -m bench.rowsize
 
 # bench/, scripts/ and tests/kit/ are packages run from the repository root (no sys.path edits).
 chaos: $(VENV)/.dev-installed

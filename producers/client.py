@@ -383,14 +383,10 @@ class Client:
         self, spec: Spec, table: pa.Table, chunk_rows: int | None, chunk_bytes: int | None
     ) -> list[tuple[int, int]]:
         """(start, rows) of each task of ``table``: by rows and by bytes (``producers.chunking``)."""
-        s = self.settings
-        out_row = spec.output_bytes if isinstance(spec, ModelSpec) else 0
+        s, out_row = self.settings, spec.output_bytes if isinstance(spec, ModelSpec) else 0
+        rows, size = chunk_rows or s.chunk_rows, chunk_bytes or s.chunk_bytes
         return chunk_bounds(
-            table,
-            max_rows=chunk_rows or s.chunk_rows,
-            max_bytes=chunk_bytes or s.chunk_bytes,
-            max_payload_bytes=s.max_payload_bytes,
-            out_row_bytes=out_row,
+            table, max_rows=rows, max_bytes=size, max_payload_bytes=s.max_payload_bytes, out_row_bytes=out_row
         )
 
     def _route(self, spec: ModelSpec) -> str:

@@ -13,7 +13,8 @@ Tree::
         ├── JobFailed          the worker returned an error (carries remote type and details)
         ├── JobTimeout         no result within timeout_s
         ├── JobExpired         the deadline passed before the job ran
-        └── JobLost            the job's data is gone (broker lost it, TTL passed)
+        ├── JobLost            the job's data is gone (broker lost it, TTL passed)
+        └── JobDeleted         the job was deleted (``Job.delete``) or purged (``Client.purge``)
 
 Errors raised on the worker are flattened to ``RemoteError`` (type, message, details)
 and stored as the job's result; the client raises them as ``JobFailed``. Nothing is
@@ -29,6 +30,7 @@ __all__ = [
     "BrokerError",
     "ConfigError",
     "HetbatchError",
+    "JobDeleted",
     "JobError",
     "JobExpired",
     "JobFailed",
@@ -161,6 +163,11 @@ class JobExpired(JobError):
 
 class JobLost(JobError):
     """The job's data is gone: the broker lost it or its TTL passed."""
+
+
+class JobDeleted(JobError):
+    """The job was deleted (``Job.delete``) or its model's work purged (``Client.purge``):
+    it will never run and nothing of it is left to read."""
 
 
 @dataclass(frozen=True)

@@ -56,14 +56,10 @@ class TensorSpec:
         shape: per-row shape, without the batch axis: ``()`` scalar, ``(30,)`` vector.
         columns: flat source columns the client packs into this input when the data
             has no column named ``name`` (e.g. the feature columns of a Parquet file).
-        max_length: a ragged input's longest row (None: no limit but the payload's).
-        pad: a ragged input's padding value in the padded batch the model gets.
-        lengths: a ragged input: the model input that receives each row's length (int64).
-        mask: a ragged input: the model input that receives the (N, longest) attention
-            mask (int64, 1 on real elements, 0 on padding).
-
-    A first size of ``-1`` makes the input ragged (``producers.protocol.ragged``): rows of
-    any length travel unpadded, and the worker pads each model call to its longest row.
+        max_length, pad, lengths, mask: for a first size of ``-1`` (a ragged input, rows of
+            any length, ``producers.protocol.ragged``): the longest row allowed, the padding
+            value, the model inputs that get each row's length (int64) and the attention
+            mask (int64, 1 on elements, 0 on padding) of each call padded to its longest row.
     """
 
     name: str
@@ -80,15 +76,12 @@ class TensorSpec:
             raise ValueError(f"{self.name}: unsupported dtype {self.dtype!r}; use one of {sorted(_ARROW_TYPES)}")
         sizes = self.shape[1:] if self.ragged else self.shape
         if any(d <= 0 for d in sizes):
-            raise ValueError(
-                f"{self.name}: shape {self.shape} must have positive sizes (batch axis excluded; "
-                "-1 is allowed first only, for rows of variable length)"
-            )
+            raise ValueError(f"{self.name}: shape {self.shape}: sizes must be positive (-1 first only: ragged rows)")
         if self.ragged and (self.dtype == "string" or self.columns is not None):
             raise ValueError(f"{self.name}: a variable-length input holds numbers and comes from one column")
         if not self.ragged and (self.lengths or self.mask or self.max_length is not None):
             raise ValueError(f"{self.name}: lengths, mask and max_length apply to a shape starting with -1 only")
-        if self.max_length is not None and self.max_length <= 0:
+        if (self.max_length or 1) <= 0:
             raise ValueError(f"{self.name}: max_length must be positive")
         if self.columns is not None and len(self.columns) != self.size:
             raise ValueError(f"{self.name}: {len(self.columns)} columns given for shape {self.shape}")
@@ -201,7 +194,7 @@ def _column_values(col: pa.ChunkedArray | pa.Array, spec: TensorSpec, cast: Cast
     if isinstance(arr.type, pa.FixedShapeTensorType):
         arr = arr.storage
     if spec.ragged:
-        return ragged.from_arrow(arr, spec, cast)
+        return ragged.from_arrow(arr, spec, lambda values: _cast(values, spec, cast))
     if arr.null_count:
         raise SchemaMismatch(f"{arr.null_count} null values", column=spec.name, expected="no nulls", received="nulls")
     t = arr.type
@@ -257,11 +250,25 @@ def _as_table(data: Any, inputs: Sequence[TensorSpec]) -> pa.Table | dict[str, n
     if isinstance(data, Mapping):
         return {str(k): ragged.as_column(v) for k, v in data.items()}
     if type(data).__module__.startswith("pandas"):
-        return pa.Table.from_pandas(data, preserve_index=False)
+        return _from_pandas(data)
     raise SchemaMismatch(
         f"unsupported input type {type(data).__name__}; pass a pyarrow Table or RecordBatch, "
         "a pandas DataFrame, a dict of numpy arrays or a 2-D numpy array"
     )
+
+
+def _from_pandas(frame: Any) -> pa.Table:
+    """A DataFrame as a table in which a NaN of a float column stays a NaN value, as in a
+    numpy array or an Arrow column, so the model's ``nan`` policy judges it the same way;
+    Arrow's pandas conversion would make it a null, refused whatever the policy. Only
+    pandas' own missing markers (None, ``pd.NA``, NaT) become nulls."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    for i in range(frame.shape[1]):
+        values = frame.iloc[:, i]
+        if isinstance(values.dtype, np.dtype) and values.dtype.kind == "f":
+            field = table.schema.field(i)
+            table = table.set_column(i, field, pa.array(values.to_numpy(), type=field.type))
+    return table
 
 
 def _input_array(data: pa.Table | dict[str, np.ndarray], spec: TensorSpec, cast: CastRule) -> np.ndarray:
@@ -269,7 +276,7 @@ def _input_array(data: pa.Table | dict[str, np.ndarray], spec: TensorSpec, cast:
         if spec.name in data:
             arr = data[spec.name]
             if spec.ragged:
-                return ragged.from_values(arr, spec, cast)
+                return ragged.from_values(arr, spec, lambda values: _cast(values, spec, cast))
             if arr.shape[1:] != spec.shape:
                 raise SchemaMismatch(
                     "wrong shape",
