@@ -21,6 +21,7 @@ from hetbatch.producers.protocol.kombu import (
     task_queues,
     worker_transport_options,
 )
+from hetbatch.producers.protocol.sentinel import broker
 from hetbatch.producers.protocol.wire import CELERY_WIRE_CONFIG, FUSE_TASK_NAME, TASK_NAME
 from hetbatch.worker.ops.dlq import DeadLetters
 from hetbatch.worker.request import RedactedRequest
@@ -58,7 +59,8 @@ def make_app(settings: WorkerSettings, tasks: Tasks | None = None) -> Celery:
     if not settings.task_log:  # Celery's two INFO lines per task; warnings and errors still show
         for name in ("celery.worker.strategy", "celery.app.trace"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    app = Celery("hetbatch", broker=settings.redis_url, set_as_current=True)
+    broker_url, broker_options = broker(settings.redis_url)  # a sentinel:// URL names its master group
+    app = Celery("hetbatch", broker=broker_url, set_as_current=True)
     app.conf.update(
         CELERY_WIRE_CONFIG,
         task_acks_late=True,
@@ -73,7 +75,8 @@ def make_app(settings: WorkerSettings, tasks: Tasks | None = None) -> Celery:
         broker_connection_max_retries=None,
         broker_transport_options=worker_transport_options(
             visibility_timeout_s=settings.visibility_timeout_s, restore_interval_s=settings.restore_interval_s
-        ),
+        )
+        | broker_options,
         task_queues=task_queues(settings.queue_names),
         task_create_missing_queues=True,
     )

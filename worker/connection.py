@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 
 from hetbatch.producers.errors import BrokerError
+from hetbatch.producers.protocol.connect import connect
 
 __all__ = ["broker_error", "check_redis", "redacted"]
 
@@ -62,7 +63,7 @@ def check_redis(url: str, *, tries: int = 5, wait: bool = False, interval_s: flo
     """
     refused = failed = 0
     while True:
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+        client = connect(url, socket_connect_timeout=5, socket_timeout=5)
         try:
             client.ping()
             return

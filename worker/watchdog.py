@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 
+from hetbatch.producers.protocol.connect import connect
 from hetbatch.producers.protocol.keys import Keys
 from hetbatch.producers.protocol.kombu import renew_unacked
 from hetbatch.worker.ops.reconciler import LeaderLock, Reconciler, Republisher
@@ -58,7 +59,7 @@ class Watchdog(threading.Thread):
     def __init__(self, settings: WorkerSettings) -> None:
         super().__init__(name="hetbatch-watchdog", daemon=True)
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.redis = connect(settings.redis_url)
         self._stop_event = threading.Event()
         self._first_seen: dict[str, float] = {}
         self._reconciler: Reconciler | None = None

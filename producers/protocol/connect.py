@@ -10,6 +10,9 @@ import redis
 from redis._parsers.encoders import Encoder
 from redis.connection import PythonRespSerializer
 
+from hetbatch.producers.protocol.sentinel import client as sentinel_client
+from hetbatch.producers.protocol.sentinel import is_sentinel
+
 __all__ = ["connect"]
 
 # Values above this size are written to the socket as they are, not joined into a buffer.
@@ -18,5 +21,9 @@ _PACKER = PythonRespSerializer(_BUFFER_CUTOFF, Encoder("utf-8", "strict", False)
 
 
 def connect(url: str, **kwargs: Any) -> redis.Redis:
-    """A client for ``url`` whose connections pack commands without copying large values."""
+    """A client for ``url`` whose connections pack commands without copying large values.
+    A ``sentinel://`` URL (``producers.protocol.sentinel``) gives a client of its group's
+    current master, which follows a failover on its next connection."""
+    if is_sentinel(url):
+        return sentinel_client(url, command_packer=_PACKER, **kwargs)
     return redis.Redis.from_url(url, command_packer=_PACKER, **kwargs)

@@ -6,6 +6,7 @@ All keys live under one prefix (``DEFAULT_PREFIX`` unless a deployment sets
     jobs          p:in:<job>:<chunk>       string  a chunk's input rows (Arrow IPC), TTL input_ttl_s
                   p:res:<job>:<chunk>      string  a chunk's stored result, TTL result_ttl_s
                   p:job:<job>              string  a job's record (model, chunks, rows)
+                  p:gone:<job>             string  tombstone of a deleted or purged job ("deleted"/"purged")
                   p:reply:<client>         list    a producer's reply notices
     registry      p:models                 hash    name -> latest version
                   p:model:<name>           hash    version -> entry JSON (and p:model:<name>:seq)
@@ -59,11 +60,31 @@ def is_reply(name: str) -> bool:
     return bool(sep and prefix and _CLIENT_ID.fullmatch(client))
 
 
+JOB_KEY_KINDS = {
+    "job": "records",
+    "in": "inputs",
+    "res": "results",
+    "task": "ledger",
+    "att": "attempts",
+    "gone": "tombstones",
+}
+"""The kinds of keys a job owns (the segment after the prefix -> the name ``hetbatch status`` shows)."""
+
+
 @dataclass(frozen=True)
 class Keys:
     """Redis key names of one deployment (see the module docstring for the layout)."""
 
     prefix: str = DEFAULT_PREFIX
+
+    def everything(self) -> str:
+        """A SCAN pattern matching every key of the deployment."""
+        return f"{self.prefix}:*"
+
+    def job_key_kind(self, name: str) -> str | None:
+        """The kind of job-owned key ``name`` is (``JOB_KEY_KINDS``' names), or None."""
+        head, sep, rest = name.partition(":")
+        return JOB_KEY_KINDS.get(rest.split(":", 1)[0]) if sep and head == self.prefix else None
 
     # -- jobs ------------------------------------------------------------------
 
@@ -75,6 +96,11 @@ class Keys:
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
+
+    def gone(self, job_id: str) -> str:
+        """Tombstone of a deleted or purged job (``job_id``: its unit, a pack's id for a pack):
+        while it lives no worker runs the job and no result of it is stored."""
+        return f"{self.prefix}:gone:{job_id}"
 
     def reply(self, client_id: str) -> str:
         return f"{self.prefix}{_REPLY}{client_id}"

@@ -77,15 +77,14 @@ def cmd_backlog(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    import redis
-
+    from hetbatch.producers.protocol.connect import connect
     from hetbatch.producers.protocol.keys import Keys
     from hetbatch.producers.settings import ClientSettings
     from hetbatch.worker.ops.dlq import DeadLetters
     from hetbatch.worker.ops.reconciler import Republisher
 
     settings = ClientSettings.from_env(redis_url=args.redis_url)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = connect(settings.redis_url)
     dlq = DeadLetters(client, Keys(settings.prefix), result_ttl_s=settings.result_ttl_s)
     try:
         if args.action == "list":

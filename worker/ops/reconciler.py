@@ -8,6 +8,8 @@ persistence, or acked after a failure. The reconciler walks the ledger
 (``producers.protocol.ledger``) and, for every task older than ``overdue_s``:
 
 - with a result for every item: done, dropped from the ledger;
+- deleted or purged (a tombstone, ``Keys.gone``, for each unit without a result):
+  dropped from the ledger with its record, never published again;
 - present in a queue list or the unacked hash: looked at again ``overdue_s`` later;
 - absent and unanswered on two sweeps in a row: published again from the ledger's
   envelope (same task id), or dead-lettered once its attempts reached the cap.
@@ -29,6 +31,7 @@ from typing import Any, cast
 import redis
 
 from hetbatch.producers.errors import PayloadError
+from hetbatch.producers.protocol.connect import connect
 from hetbatch.producers.protocol.keys import Keys, lane_list
 from hetbatch.producers.protocol.kombu import queue_reads, read_task_ids
 from hetbatch.producers.protocol.ledger import task_id_of
@@ -92,6 +95,7 @@ class SweepReport:
     done: int = 0
     queued: int = 0
     suspect: int = 0
+    gone: int = 0
     republished: list[str] = field(default_factory=list)
     dead_lettered: list[str] = field(default_factory=list)
 
@@ -154,8 +158,9 @@ class Reconciler:
             except (TypeError, ValueError, AttributeError, RecursionError, PayloadError):
                 gone.append(task_id)  # the ledger record expired or is unreadable: nothing to redo
         report.checked = len(ids)
-        unfinished = self._unfinished(entries)
-        report.done = len(entries) - len(unfinished)
+        unfinished, ended = self._unfinished(entries)
+        report.gone = len(ended)
+        report.done = len(entries) - len(unfinished) - len(ended)
         drop = gone + [t for t in entries if t not in unfinished]
         present = self._in_broker({entries[t][2] for t in unfinished}) if unfinished else set()
         later: dict[str, float] = {}
@@ -177,6 +182,8 @@ class Reconciler:
         pipe = self.redis.pipeline(transaction=False)
         if drop:
             pipe.zrem(self.keys.ledger(), *drop)
+        if ended:  # a record written after the job was deleted: nothing may publish it again
+            pipe.delete(*(self.keys.task(t) for t in ended))
         if later:
             pipe.zadd(self.keys.ledger(), later, xx=True)
         if report.republished:
@@ -190,15 +197,27 @@ class Reconciler:
             )
         return report
 
-    def _unfinished(self, entries: dict[str, tuple[TaskEnvelope, dict[str, Any], str, int]]) -> set[str]:
+    def _unfinished(
+        self, entries: dict[str, tuple[TaskEnvelope, dict[str, Any], str, int]]
+    ) -> tuple[set[str], set[str]]:
+        """The tasks with a unit neither answered nor ended, and those whose every
+        unanswered unit has a tombstone (deleted or purged)."""
         pipe = self.redis.pipeline(transaction=False)
         order = []
         for task_id, (env, *_rest) in entries.items():
             for item in env.units:
                 pipe.exists(self.keys.result(item.job_id, item.chunk))
+                pipe.exists(self.keys.gone(item.job_id))
                 order.append(task_id)
-        missing = {t for t, found in zip(order, pipe.execute(), strict=True) if not found}
-        return missing
+        replies = pipe.execute()
+        missing: set[str] = set()
+        tombs: set[str] = set()
+        for task_id, answered, ended in zip(order, replies[::2], replies[1::2], strict=True):
+            if ended and not answered:
+                tombs.add(task_id)
+            elif not answered:
+                missing.add(task_id)
+        return missing - tombs, tombs
 
     def _held_lists(self) -> list[str]:
         """The lane lists live workers vouch for; those of dead workers are forgotten."""
@@ -250,7 +269,7 @@ def run(
     Raises:
         redis.RedisError: Redis is unreachable, or refused a command (credentials, ACL).
     """
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     client.ping()  # fail fast on a wrong URL or password
     lock = LeaderLock(client, keys.leader(), ttl_s=max(5.0, 3 * interval_s))
     try:

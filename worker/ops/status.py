@@ -1,8 +1,10 @@
 """Who works on what: the report behind ``hetbatch status``.
 
 It reads the workers' heartbeat records (``worker.heartbeat`` writes them), takes the
-node names that answered a ping through Celery's control channel, and counts the
-messages waiting in every queue (all priority lists of it, and its lane).
+node names that answered a ping through Celery's control channel, counts the
+messages waiting in every queue (all priority lists of it, and its lane), and counts
+the keys jobs hold in Redis by kind (``census``: what docs/reliability.md's lifecycle
+says each state owns), so a deployment that leaks keys shows it.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from typing import Any, cast
 
 import redis
 
-from hetbatch.producers.protocol.keys import Keys
+from hetbatch.producers.protocol.connect import connect
+from hetbatch.producers.protocol.keys import JOB_KEY_KINDS, Keys
 from hetbatch.producers.protocol.kombu import queue_depths
 from hetbatch.producers.protocol.wire import DEVICES, FRAMEWORKS, queue_for
 
-__all__ = ["StatusReport", "WorkerInfo", "collect", "render"]
+__all__ = ["StatusReport", "WorkerInfo", "census", "collect", "render"]
+
 
 
 @dataclass
@@ -39,9 +43,22 @@ class WorkerInfo:
 class StatusReport:
     depths: dict[str, dict[int, int]]
     workers: list[WorkerInfo]
+    keys: dict[str, int] = field(default_factory=dict)
+    """Job keys in Redis by kind (``census``)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"queues": self.depths, "workers": [asdict(w) for w in self.workers]}
+        return {"queues": self.depths, "workers": [asdict(w) for w in self.workers], "keys": self.keys}
+
+
+def census(client: redis.Redis, keys: Keys) -> dict[str, int]:
+    """How many keys of each kind jobs hold now (``JOB_KEY_KINDS``' names, every kind listed):
+    one SCAN over the deployment's prefix, so its cost grows with the keyspace."""
+    counts = dict.fromkeys(JOB_KEY_KINDS.values(), 0)
+    for key in client.scan_iter(match=keys.everything(), count=1000):
+        kind = keys.job_key_kind(key.decode(errors="replace") if isinstance(key, bytes) else str(key))
+        if kind is not None:
+            counts[kind] += 1
+    return counts
 
 
 def collect(client: redis.Redis, keys: Keys, *, ping: Callable[[], list[str]] | None = None) -> StatusReport:
@@ -71,7 +88,9 @@ def collect(client: redis.Redis, keys: Keys, *, ping: Callable[[], list[str]] | 
             info.online = info.name in answered
     queues = [queue_for(f, d) for d in DEVICES for f in FRAMEWORKS]
     queues += sorted({q for w in workers.values() for q in w.queues} - set(queues))
-    return StatusReport(queue_depths(client, queues), sorted(workers.values(), key=lambda w: w.name))
+    return StatusReport(
+        queue_depths(client, queues), sorted(workers.values(), key=lambda w: w.name), census(client, keys)
+    )
 
 
 def render(report: StatusReport) -> str:
@@ -95,7 +114,10 @@ def render(report: StatusReport) -> str:
         if not w.queues:  # answered ping but wrote no heartbeat (older hetbatch?)
             rows.append(("-", "-", "-", w.name, w.pool, "-", "yes" if w.online else "?", "-", "-"))
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in [head, *rows])
+    table = "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in [head, *rows])
+    if not report.keys:
+        return table
+    return table + "\n\nJOB KEYS  " + "  ".join(f"{kind} {n}" for kind, n in report.keys.items())
 
 
 def report(redis_url: str, keys: Keys, *, ping_timeout_s: float = 1.0) -> StatusReport:
@@ -107,7 +129,7 @@ def report(redis_url: str, keys: Keys, *, ping_timeout_s: float = 1.0) -> Status
     """
     from hetbatch.producers.client import make_producer_app
 
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     try:
         client.ping()  # fail fast on a wrong URL or password, before Celery retries it
         if ping_timeout_s <= 0:
