@@ -253,13 +253,14 @@ class EnsembleRunner(Hook):
 
     def _cleanup(self, spec: EnsembleSpec | None, cont: Continuation) -> None:
         """Drop the job's intermediate keys once its fused result (or error) is stored."""
-        stages = spec.final_stage + 1 if spec is not None else cont.stage + 1
-        slots = len(spec.members) + 1 if spec is not None else max(cont.slots) + 1
+        # Without the spec (unknown ensemble) only what the continuation itself names goes.
+        stages = range(spec.final_stage + 1) if spec is not None else (cont.stage,)
+        slots = range(len(spec.members) + 1) if spec is not None else cont.slots
         doomed = []
-        for stage in range(stages):
+        for stage in stages:
             doomed += [stage_input_key(self.keys, cont.job_id, stage, cont.chunk)]
             doomed += [self._done_key(cont.job_id, stage, cont.chunk)]
-            for slot in range(slots):
+            for slot in slots:
                 item = member_job_id(cont.job_id, stage, slot)
                 doomed += [self.keys.input(item, cont.chunk), self.keys.result(item, cont.chunk)]
         self.redis.delete(*doomed)

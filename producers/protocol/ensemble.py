@@ -34,7 +34,8 @@ import numpy as np
 import pyarrow as pa
 
 from hetbatch.producers.errors import ConfigError, HetbatchError, PayloadError, RemoteError
-from hetbatch.producers.protocol.keys import Keys
+from hetbatch.producers.protocol.fields import Fields
+from hetbatch.producers.protocol.keys import Keys, is_reply
 from hetbatch.producers.protocol.model import ModelSpec, parse_ref
 from hetbatch.producers.protocol.schema import TensorSpec, table_to_arrays, to_table
 from hetbatch.producers.protocol.wire import Item, TaskEnvelope, encode_table
@@ -66,6 +67,11 @@ class MemberFailed(HetbatchError):
     def details(self) -> dict[str, Any]:
         return {"member": self.member, "member_error": self.remote.type, **self.remote.details}
 
+
+# Bounds of a continuation: an ensemble has a handful of members and stages (a chain is one
+# stage per member); the worker builds key names over them, so they are capped.
+MAX_SLOTS = 256
+MAX_STAGES = 256
 
 @dataclass(frozen=True)
 class Member:
@@ -225,27 +231,33 @@ class Continuation:
 
     @classmethod
     def from_dict(cls, data: Any) -> Continuation:
-        """Parse a continuation (an envelope's ``then`` or a fusion task's body).
+        """Parse a continuation (an envelope's ``then`` or a fusion task's body): every field
+        typed and bounded, since anyone who can write to a queue can write one.
 
         Raises:
             PayloadError: not a valid continuation.
         """
-        try:
-            cont = cls(
-                ensemble=str(data["ensemble"]),
-                job_id=str(data["job_id"]),
-                chunk=int(data["chunk"]),
-                stage=int(data["stage"]),
-                slots=tuple(int(s) for s in data["slots"]),
-                rows=int(data["rows"]),
-                reply_to=data.get("reply_to"),
-                deadline=data.get("deadline"),
-                priority=int(data.get("priority", 5)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PayloadError(f"malformed ensemble continuation: {exc!r}") from exc
-        if not cont.slots or cont.chunk < 0 or cont.stage < 0:
-            raise PayloadError(f"malformed ensemble continuation: {data!r}")
+        if not isinstance(data, Mapping):
+            raise PayloadError(f"malformed ensemble continuation: not an object but {type(data).__name__}")
+        f = Fields(data)
+        f.job = f.ident("job_id")
+        reply_to = f.opt_text("reply_to")
+        if reply_to is not None and not is_reply(reply_to):
+            f.fail("reply_to", f"names {reply_to[:60]!r}, which is not a reply list")
+        priority = data.get("priority", 5)
+        cont = cls(
+            ensemble=f.text("ensemble"),
+            job_id=f.job,
+            chunk=f.count("chunk", data.get("chunk")),
+            stage=f.count("stage", data.get("stage"), MAX_STAGES),
+            slots=tuple(f.count("slots", s, MAX_SLOTS) for s in f.seq("slots", limit=MAX_SLOTS)),
+            rows=f.count("rows", data.get("rows")),
+            reply_to=reply_to,
+            deadline=f.number("deadline"),
+            priority=f.count("priority", priority, 9),
+        )
+        if len(set(cont.slots)) != len(cont.slots):
+            f.fail("slots", "lists a slot twice")
         return cont
 
 
