@@ -124,7 +124,8 @@ class ResultWriter:
 
         ``finished``: the id of a task that has now a result for every item; it leaves the
         ledger's list of tasks to watch in the same round trip (the reconciler would only
-        find it done later, at a cost).
+        find it done later, at a cost). An outcome whose job has a tombstone
+        (``Keys.gone``: deleted or purged while it ran) is dropped.
         """
         keys, args = self._call(outcomes, reply_to, finished)
         return int(self._script(keys=keys, args=args))
@@ -149,5 +150,6 @@ class ResultWriter:
                 self._keys.result(out.job_id, out.chunk),
                 out.result,
                 encode_notice(Notice(out.job_id, out.chunk, inline)),
+                self._keys.gone(out.job_id),
             ]
         return [reply_to or "", self._ledger if finished else ""], args

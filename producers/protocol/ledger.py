@@ -10,7 +10,8 @@ the deployment prefix ``p``::
     p:att:<job_id>     hash   "<chunk>" -> attempt count, "<chunk>:<n>" -> attempt record JSON
     p:dlq              list   dead-lettered task ids, newest first
     p:reliability      hash   counters: attempts, duplicates, duplicate_deliveries,
-                              duplicate_results, republished, dead_lettered
+                              duplicate_results, republished, dead_lettered,
+                              gone_deliveries (deliveries of deleted or purged jobs, dropped)
 
 A task id is derived from the envelope's first item (``<job_id>.<chunk>``), so the
 producer, the Celery message and the worker agree on it without another field.
@@ -62,12 +63,15 @@ class Verdict(str, Enum):
     """Attempted before, so it may have killed a worker: run it in isolation and ask again with ``claim``."""
     DEAD = "dead"
     """The attempt cap is reached: dead-letter it."""
+    GONE = "gone"
+    """Deleted or purged (``Keys.gone``): drop it without running or answering it."""
 
 
 @dataclass(frozen=True)
 class Start:
     """What the ledger said when a worker asked to start a task (``verdict``), how many
-    times it was started, and per unit (``TaskEnvelope.units``) whether it has a result."""
+    times it was started, and per unit (``TaskEnvelope.units``) whether it has a result
+    or a tombstone (either way: not to run)."""
 
     verdict: Verdict
     attempts: int
@@ -155,7 +159,8 @@ class Ledger:
         keys: list[str] = [self.keys.task(task_id), self.keys.reliability()]
         chunks: list[str] = []
         for item in env.units:
-            keys += [self.keys.result(item.job_id, item.chunk), self.keys.attempts(item.job_id)]
+            unit = item.job_id
+            keys += [self.keys.result(unit, item.chunk), self.keys.attempts(unit), self.keys.gone(unit)]
             chunks.append(str(item.chunk))
         return keys, [ttl_s * 1000, int(claim), max_attempts, worker, repr(time.time()), task_id, *chunks]
 

@@ -33,7 +33,9 @@ def client(redis_server: RedisServer, models: dict[str, Built]) -> Iterator[Clie
 
 
 def _keys_of(client: Client, job_id: str) -> list[bytes]:
-    return sorted(k for k in client.redis.scan_iter(match="*", count=1000) if job_id.encode() in k)
+    """Every key naming the job but its tombstone (which says it was deleted or purged)."""
+    tomb = client.keys.gone(job_id).encode()
+    return sorted(k for k in client.redis.scan_iter(match="*", count=1000) if job_id.encode() in k and k != tomb)
 
 
 def _republished(client: Client) -> list[str]:
@@ -55,6 +57,7 @@ def test_delete_job_drops_the_jobs_record_and_inputs(client: Client, models: dic
     assert _keys_of(client, job.id)  # the record and the input
     existed = delete_job(client.redis, client.keys, job.id, chunks=1)
     assert existed >= 2 and _keys_of(client, job.id) == []
+    assert client.redis.get(client.keys.gone(job.id)) == b"deleted"
     assert _republished(client) == []
 
 
@@ -67,6 +70,7 @@ def test_purge_model_drops_its_queued_work_and_keys_and_nothing_else(client: Cli
     assert (report.messages, report.jobs) == (4, 4) and report.keys >= 4
     assert sorted(queued_task_ids(client, "keep-iris")) == sorted(f"{j.id}.0" for j in kept)
     assert all(_keys_of(client, j.id) == [] for j in dropped)
+    assert all(client.redis.get(client.keys.gone(j.id)) == b"purged" for j in dropped)
     assert all(client.redis.exists(client.keys.job(j.id)) for j in kept)
     assert _republished(client) == []
     # Through the client: the same, by name.

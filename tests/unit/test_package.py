@@ -31,6 +31,7 @@ PUBLIC = {
     "ConfigError",
     "HetbatchError",
     "Job",
+    "JobDeleted",
     "JobError",
     "JobExpired",
     "JobFailed",
