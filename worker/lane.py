@@ -106,6 +106,10 @@ class Lane:
         self._thread.start()
         return self
 
+    def stop_taking(self) -> None:
+        """Take no more batches (at SIGTERM: the running ones go on); safe in a signal handler."""
+        self._stop.set()
+
     def stop(self, timeout_s: float = 30.0) -> None:
         """Take no more; let the running batches finish."""
         self._stop.set()

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from hetbatch.worker.app import make_app
 from hetbatch.worker.connection import check_redis
@@ -33,6 +33,7 @@ from hetbatch.worker.hooks import BatchStatsWriter, Hook, InputCleanup
 from hetbatch.worker.lane import Lane, drains_lane
 from hetbatch.worker.metrics import WorkerMetrics
 from hetbatch.worker.runtime import Runtime
+from hetbatch.worker.scale_in import pool_option
 from hetbatch.worker.settings import WorkerSettings
 from hetbatch.worker.watchdog import Watchdog
 
@@ -68,6 +69,8 @@ class WorkerProcess:
         self._lock = threading.Lock()
         worker_ready.connect(self._on_ready, weak=False)
         worker_shutdown.connect(self._on_shutdown, weak=False)
+        worker_shutting_down.connect(self._on_shutting_down, weak=False)
+        self._hostname = ""
 
     def run(self, name: str, *, loglevel: str = "INFO", pool: str = "threads", extra: Sequence[str] = ()) -> None:
         """Run the Celery worker in this process until it is told to stop.
@@ -75,7 +78,8 @@ class WorkerProcess:
         Args:
             name: the Celery node name (``%h`` is the host name).
             loglevel: Celery's log level.
-            pool: Celery's pool: ``threads`` (what ``hetbatch worker`` runs) or
+            pool: Celery's pool: ``threads`` (what ``hetbatch worker`` runs: Celery's,
+                giving prefetched messages back at SIGTERM, ``worker.scale_in``) or
                 ``prefork`` (tests of crash isolation; lanes are off with it).
             extra: more Celery worker options.
 
@@ -87,7 +91,9 @@ class WorkerProcess:
         # Celery would retry a refused login forever, a traceback each time: say it once and exit.
         check_redis(s.redis_url, tries=s.redis_login_tries, wait=s.wait_for_redis)
         concurrency = self.settings.concurrency if pool == "threads" else 1
-        argv = ["worker", "-P", pool, "-c", str(concurrency), "-Q", ",".join(self.settings.queue_names), "-n", name,
+        celery_pool = pool_option() if pool == "threads" else pool
+        queues = ",".join(self.settings.queue_names)
+        argv = ["worker", "-P", celery_pool, "-c", str(concurrency), "-Q", queues, "-n", name,
                 "--loglevel", loglevel, "--without-mingle", "--without-gossip",
                 *(["-E"] if self.settings.task_events else []), *extra]  # fmt: skip
         self.app.worker_main(argv)
@@ -143,6 +149,7 @@ class WorkerProcess:
         parts = self.parts()
         runtime = parts.runtime
         lanes = drains_lane(self.settings, getattr(sender, "pool", None))
+        self._hostname = str(sender.hostname)
         self.heartbeat = Heartbeat(
             runtime.redis,
             runtime.keys,
@@ -163,6 +170,14 @@ class WorkerProcess:
         # Start-up's objects (modules, the app) live as long as the worker: a full
         # collection that walks them all stalls every thread for 40-60 ms.
         gc.freeze()
+
+    def _on_shutting_down(self, sender: Any = None, **_: Any) -> None:
+        """Celery's ``worker_shutting_down`` (in its signal handler; ``sender`` is the
+        node name): the lanes take no more batches from now on, while Celery drains."""
+        if not self._hostname or sender != self._hostname:
+            return
+        for lane in self.lanes:
+            lane.stop_taking()
 
     def _on_shutdown(self, sender: Any = None, **_: Any) -> None:
         """Celery's ``worker_shutdown``; ``sender`` is the worker."""
