@@ -12,10 +12,12 @@ stops renewing its held lists; once they expire, the reconciler finds the jobs n
 queued nor held nor answered and publishes them again (as Celery tasks). A batch that
 meets a Redis error goes back onto its lane.
 
-Never stopped by what it pops: an entry that is not an envelope (not JSON, the wrong
-shape, over the size limit) names no job to answer, so it is dead-lettered raw
-(``DeadLetters.bury_raw``: capped bytes, the reason, the lane) and the batch goes on;
-an error the loop itself meets is logged and the loop goes on.
+Never stopped by what it pops: an envelope refused for a field whose ``items`` (or
+pack) can still be read is answered with the typed ``PayloadError`` for those jobs, as
+on the Celery path (``Runtime.handle``), so their producer does not wait for a timeout;
+an entry that names no job (not JSON, the wrong shape, over the size limit) is
+dead-lettered raw (``DeadLetters.bury_raw``: capped bytes, the reason, the lane) and
+the batch goes on; an error the loop itself meets is logged and the loop goes on.
 """
 
 from __future__ import annotations
@@ -35,13 +37,13 @@ import redis
 from hetbatch.producers.errors import PayloadError
 from hetbatch.producers.protocol.connect import connect
 from hetbatch.producers.protocol.keys import lane_list
-from hetbatch.producers.protocol.wire import TaskEnvelope
+from hetbatch.producers.protocol.wire import TaskEnvelope, answerable
 from hetbatch.worker.settings import WorkerSettings
 
 if TYPE_CHECKING:  # the reconciler imports this module without the model stack
     from hetbatch.worker.runtime import Runtime
 
-__all__ = ["LANE_TASK", "Lane", "decode_entry", "drains_lane"]
+__all__ = ["LANE_TASK", "Lane", "decode_entry", "drains_lane", "parse_entry"]
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +63,21 @@ def decode_entry(raw: bytes, max_bytes: int) -> TaskEnvelope:
     Raises:
         PayloadError: the entry is over ``max_bytes``, not JSON, or not an envelope.
     """
+    return TaskEnvelope.from_dict(parse_entry(raw, max_bytes))
+
+
+def parse_entry(raw: bytes, max_bytes: int) -> Any:
+    """A lane entry's JSON, not yet checked as an envelope.
+
+    Raises:
+        PayloadError: the entry is over ``max_bytes`` or not JSON.
+    """
     if len(raw) > max_bytes:
         raise PayloadError(f"lane entry of {len(raw)} bytes is over the {max_bytes}-byte limit")
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise PayloadError(f"lane entry is not JSON: {exc}") from exc
-    return TaskEnvelope.from_dict(body)
 
 
 class Lane:
@@ -216,18 +226,26 @@ class Lane:
         return {"tasks": len(envs), "dead_lettered": dead}
 
     def _decode(self, source: str, raws: list[bytes]) -> tuple[list[TaskEnvelope], list[bytes]]:
-        """The envelopes of ``raws`` and their entries; every other entry is dead-lettered raw.
+        """The envelopes of ``raws`` and their entries; every other entry is answered with
+        its refusal when it names jobs, else dead-lettered raw.
 
         Raises:
-            redis.RedisError: a dead letter could not be written.
+            redis.RedisError: a refusal or a dead letter could not be written.
         """
         envs: list[TaskEnvelope] = []
         good: list[bytes] = []
         for raw in raws:
+            body: Any = None
             try:
-                envs.append(decode_entry(raw, self._max_entry))
+                body = parse_entry(raw, self._max_entry)
+                envs.append(TaskEnvelope.from_dict(body))
                 good.append(raw)
             except Exception as exc:  # PayloadError, or anything a hostile entry finds
+                if body is not None and answerable(body) is not None:
+                    # Its jobs can be named: Runtime.handle stores the typed refusal as their
+                    # result, exactly as for the same envelope sent as a Celery task.
+                    self.rt.handle(body)
+                    continue
                 reason = str(exc) if isinstance(exc, PayloadError) else f"{type(exc).__name__}: {exc}"
                 task_id = self.rt.dead_letters.bury_raw(raw, f"not a task envelope: {reason}", source)
                 log.error("lane: an entry of %s (%d bytes) is not an envelope; dead-lettered as %s: %s",

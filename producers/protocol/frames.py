@@ -19,6 +19,16 @@ __all__ = ["frame_problem"]
 # Celery task headers hetbatch's frames carry, and the types each may have.
 _TEXT_HEADERS = ("lang", "shadow", "group", "root_id", "parent_id", "argsrepr", "kwargsrepr", "origin")
 _MAX_TASK_ID = 256
+# Celery's embed (the body's third element): the canvas options a task passes on when it
+# ends. ``celery_message`` writes them all None, and hetbatch never uses them: set, they
+# make the worker publish tasks of the frame's choosing (or raise after the task, so the
+# message is never acked and comes back forever), so anything else is refused.
+_EMBED_KEYS = frozenset({"callbacks", "errbacks", "chain", "chord"})
+# JSON nesting a frame and a task body may have. hetbatch's are 3 and 5 deep (an ensemble
+# continuation a few more); kombu re-encodes a delivered frame (into the unacked hash) from
+# deeper in the stack than it decoded it, so a frame nested just under the decoder's limit
+# raised RecursionError there and ended the worker.
+_MAX_DEPTH = 32
 
 
 def frame_problem(message: Any, *, task: bool) -> str | None:
@@ -27,6 +37,8 @@ def frame_problem(message: Any, *, task: bool) -> str | None:
     where kombu's ``Message`` or Celery's ``Request`` would raise out of the consumer."""
     if not isinstance(message, dict):
         return f"the frame is a JSON {type(message).__name__}, not an object"
+    if _deeper_than(message, _MAX_DEPTH):
+        return f"the frame is nested more than {_MAX_DEPTH} levels deep"
     props = message.get("properties")
     if not isinstance(props, dict):
         return "the frame has no properties object"
@@ -87,8 +99,29 @@ def _task_problem(message: dict[str, Any], headers: dict[str, Any], data: bytes)
         return f"the body is not JSON: {exc}"
     if not (isinstance(args, list) and len(args) == 3):
         return "the body is not [args, kwargs, embed]"
+    if _deeper_than(args, _MAX_DEPTH):
+        return f"the body is nested more than {_MAX_DEPTH} levels deep"
     if not (isinstance(args[0], list) and len(args[0]) == 1):
         return "a hetbatch task takes exactly one argument"
     if args[1] != {} or not isinstance(args[2], dict | None):
         return "a hetbatch task takes no keyword arguments, and embed must be an object"
+    embed = args[2] or {}
+    stray = sorted(str(k)[:40] for k, v in embed.items() if k not in _EMBED_KEYS or v is not None)
+    if stray:
+        return f"embed sets {', '.join(stray[:8])}: hetbatch tasks take no callbacks, errbacks, chain or chord"
     return None
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether decoded JSON ``value`` nests lists and objects more than ``limit`` deep;
+    iterative, so any depth the decoder took is measured without recursion."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False

@@ -278,7 +278,11 @@ def _dump(message: Any) -> bytes:
     try:
         return json.dumps(message, default=repr).encode()
     except (ValueError, TypeError, RecursionError):
-        return repr(message).encode()
+        pass
+    try:
+        return repr(message)[: 1 << 20].encode("utf-8", "replace")
+    except RecursionError:  # nested past the stack: repr recurses too
+        return b"<a frame nested too deep to show>"
 
 
 def _reused_client(self: Any, asynchronous: bool = False) -> Any:

@@ -120,18 +120,20 @@ def _stored_types(r: redis.Redis, prefix: str) -> collections.Counter[str]:
 
 def _dead_lettered(r: redis.Redis, keys: Keys) -> set[str]:
     """Job ids that dead-letter entries name: ``<job>.<chunk>`` task ids, and the ids found in
-    the raw bytes kept for entries that are no envelope (a frame's body decoded too)."""
+    the raw bytes kept for entries that are no envelope (a frame's body decoded too), and the
+    ids such an entry's ``jobs`` field lists (read before the raw bytes were cut)."""
     out = set()
     for raw_id in r.lrange(keys.dlq(), 0, -1):
         task_id = raw_id.decode(errors="replace")
         out.add(task_id.split(".")[0])
-        raw = r.hget(keys.task(task_id), "raw")
+        raw, jobs = r.hmget(keys.task(task_id), ["raw", "jobs"])
+        out.update(json.loads(jobs or b"[]"))
         if not raw:
             continue
         texts = [raw]
         try:
             texts.append(base64.b64decode(json.loads(raw)["body"]))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # b"[" * 100_000 is kept too
             pass
         for text in texts:
             out.update(m.decode() for m in _JOB_ID.findall(text))
@@ -237,7 +239,12 @@ def test_a_hostile_queue_kills_no_worker_reads_no_foreign_key_and_leaves_good_jo
         assert untyped == {}, f"error results of types that are not the library's: {untyped}"
 
         growth = rss_end - rss.start
-        print(f"hostile: {len(entries)} entries, rss +{growth >> 20} MiB (peak +{(rss.peak - rss.start) >> 20} MiB)")
+        named = sum(1 for e in entries if e.units)
+        print(
+            f"hostile: {len(entries)} entries, {named} naming jobs: {len(answered_at)} answered in {ANSWER_S} s, "
+            f"{r.llen(keys.dlq())} dead-letter entries; "
+            f"rss +{growth >> 20} MiB (peak +{(rss.peak - rss.start) >> 20} MiB)"
+        )
         assert growth < RSS_GROWTH_BOUND, f"worker RSS grew {growth >> 20} MiB (peak +{(rss.peak - rss.start) >> 20})"
 
         wrong = [e.kind for e in entries if e.good is not None and not _good_result(r, e, iris)]

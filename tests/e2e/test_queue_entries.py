@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from hetbatch.producers import Client, RemoteError
-from hetbatch.producers.protocol.keys import Keys
+from hetbatch.producers.protocol.keys import Keys, lane_list
 from hetbatch.producers.protocol.kombu import celery_message, priority_list
 from hetbatch.producers.protocol.wire import FUSE_TASK_NAME, TASK_NAME, decode_pack_result, decode_result, encode_table
 from hetbatch.worker.ops.dlq import DeadLetters
@@ -194,33 +194,39 @@ def _stored_error(r: redis.Redis, job: str, timeout_s: float = 5.0) -> RemoteErr
     raise AssertionError(f"job {job} was not answered within 5 s")
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("model", 5),
-        ("model", "m" * 10_000),
-        ("version", _DROP),
-        ("version", ["1"]),
-        ("deadline", "soon"),
-        ("deadline", float("inf")),
-        ("then", "not an object"),
-        ("then", {"x": "y" * 100_000}),
-        ("payload_b64", 7),
-        ("payload_key", "hb:models"),  # a second payload reference
-        ("reply_to", "hb:models"),
-        ("pack", "not-a-pack"),
-        ("pack", 12),
-        ("v", 2),
-    ],
-)
+MALFORMED = [
+    ("model", 5),
+    ("model", "m" * 10_000),
+    ("version", _DROP),
+    ("version", ["1"]),
+    ("version", "V" * 200_000),  # before "items", and past the 64 KiB a dead letter keeps
+    ("version", list(range(20_000))),
+    ("deadline", "soon"),
+    ("deadline", float("inf")),
+    ("then", "not an object"),
+    ("then", {"x": "y" * 100_000}),
+    ("payload_b64", 7),
+    ("payload_key", "hb:models"),  # a second payload reference
+    ("reply_to", "hb:models"),
+    ("pack", "not-a-pack"),
+    ("pack", 12),
+    ("v", 2),
+]
+
+
+@pytest.mark.parametrize("path", ["celery", "lane"])
+@pytest.mark.parametrize(("field", "value"), MALFORMED)
 def test_a_malformed_envelope_is_answered_with_a_payload_error_naming_job_and_field(
-    setup: tuple[Client, WorkerProcess, Built], field: str, value: Any
+    setup: tuple[Client, WorkerProcess, Built], field: str, value: Any, path: str
 ) -> None:
     client, worker, built = setup
     pid = worker.proc.pid
     job = uuid.uuid4().hex
     body = _envelope(client, job, **{field: value})
-    client.redis.lpush(priority_list(QUEUE, 0), celery_message(TASK_NAME, [body], QUEUE, 0, ""))
+    if path == "lane":  # the same envelope as a bare lane entry: answered, not only dead-lettered
+        client.redis.lpush(lane_list(QUEUE), json.dumps(body))
+    else:
+        client.redis.lpush(priority_list(QUEUE, 0), celery_message(TASK_NAME, [body], QUEUE, 0, ""))
     error = _stored_error(client.redis, job)
     assert error.type == "PayloadError"
     assert f"job {job}" in error.message and repr(field) in error.message, error.message
@@ -243,3 +249,65 @@ def test_an_envelope_that_names_no_job_is_dead_lettered(
     assert b"not a task envelope" in entry[b"reason"] and b"'items'" in entry[b"reason"]
     assert worker.alive()
     _good_job_is_right(client, built)
+
+
+def _nested_frame(depth: int) -> bytes:
+    """A good frame with a list nested ``depth`` deep in its delivery_info: decodable, but
+    kombu re-encodes it deeper in the stack than it decoded it."""
+    message = json.loads(_frame())
+    message["properties"]["delivery_info"]["x"] = 0
+    return json.dumps(message).replace('"x": 0', '"x": ' + "[" * depth + "]" * depth).encode()
+
+
+def test_json_nested_past_the_stack_is_dead_lettered_on_queue_and_lane(
+    setup: tuple[Client, WorkerProcess, Built],
+) -> None:
+    client, worker, built = setup
+    pid = worker.proc.pid
+    before = set(_dead_letters(client.redis))
+    deep = [b"[" * 100_000, b"{" * 50_000, *(_nested_frame(d) for d in range(850, 1000, 10))]
+    for raw in deep:
+        client.redis.lpush(priority_list(QUEUE, 0), raw)
+    client.redis.lpush(lane_list(QUEUE), b"[" * 100_000)
+    deadline = time.monotonic() + 10
+    while len(set(_dead_letters(client.redis)) - before) < len(deep) + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    new = [e for t, e in _dead_letters(client.redis).items() if t not in before]
+    assert len(new) == len(deep) + 1, [e.get(b"reason") for e in new]
+    assert sum(e[b"queue"] == lane_list(QUEUE).encode() for e in new) == 1
+    assert worker.alive() and worker.proc.pid == pid
+    assert b"Unrecoverable" not in worker.log.read_bytes()
+    _good_job_is_right(client, built)
+
+
+@pytest.mark.parametrize(
+    "embed",
+    [
+        {"callbacks": "x", "errbacks": None, "chain": None, "chord": None},
+        {"chain": [{"garbage": 1}]},
+        {"chord": {"task": 1}},
+        {"callbacks": None, "errbacks": None, "chain": None, "chord": None, "extra": None},
+        "signature",  # a valid predict signature: it would make the worker publish a task
+    ],
+)
+def test_a_body_whose_embed_sets_callbacks_or_chain_is_dead_lettered_before_celery_sees_it(
+    setup: tuple[Client, WorkerProcess, Built], embed: Any
+) -> None:
+    client, worker, built = setup
+    pid = worker.proc.pid
+    job, victim = uuid.uuid4().hex, uuid.uuid4().hex
+    body = _envelope(client, job)
+    if embed == "signature":
+        sig = {"task": TASK_NAME, "args": [_envelope(client, victim)], "kwargs": {}, "options": {"queue": QUEUE},
+               "subtask_type": None, "immutable": True}  # fmt: skip
+        embed = {"callbacks": [sig], "errbacks": [sig], "chain": [sig], "chord": None}
+    before = set(_dead_letters(client.redis))
+    client.redis.lpush(priority_list(QUEUE, 0), _frame(body, raw_body=_b64([[body], {}, embed])))
+    entry = _wait_dead_letter(client.redis, before)
+    assert b"embed sets" in entry[b"reason"] and entry[b"queue"] == QUEUE.encode(), entry[b"reason"]
+    listed = [e for e in DeadLetters(client.redis, KEYS).entries() if e.task_id not in before]
+    assert [e.jobs for e in listed] == [(job,)]  # named, though never run
+    _good_job_is_right(client, built)
+    assert client.redis.get(KEYS.result(job, 0)) is None and client.redis.get(KEYS.result(victim, 0)) is None
+    assert client.redis.hlen("unacked") == 0  # nothing left to come back after the visibility timeout
+    assert worker.alive() and worker.proc.pid == pid

@@ -93,7 +93,10 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                 print("the dead-letter list is empty")
             for e in entries:
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.dead))
-                print(f"{e.task_id}  {e.model}  jobs={len(e.jobs)}  attempts={e.attempts}  {when}  {e.reason}")
+                # A raw entry's task id names no job: show the ids it was found to name.
+                more = ",..." if len(e.jobs) > 3 else ""
+                named = f" ({','.join(e.jobs[:3])}{more})" if e.model == "-" and e.jobs else ""
+                print(f"{e.task_id}  {e.model}  jobs={len(e.jobs)}{named}  attempts={e.attempts}  {when}  {e.reason}")
         elif args.action == "retry":
             ids = args.task_ids or [e.task_id for e in dlq.entries()]
             with Republisher(settings.redis_url) as pub:

@@ -8,12 +8,16 @@ so that ``hetbatch dlq retry`` can publish it again once the cause is fixed.
 
 An entry that names no job it could be answered to (a lane entry or task body that is
 not an envelope) is dead-lettered raw (``bury_raw``): its first ``RAW_KEEP_BYTES``
-bytes, its size, the reason and the list it came from; ``hetbatch dlq list`` shows
-it, and ``retry`` skips it (there is nothing to run).
+bytes, its size, the reason, the list it came from, and the ids of the jobs it names
+when they can be read (``named_jobs``: a frame's or lane entry's ``items``, though a
+field before them was too big to keep); ``hetbatch dlq list`` shows it, and ``retry``
+skips it (there is nothing to run).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import time
 import uuid
@@ -24,16 +28,21 @@ from typing import Any, cast
 import redis
 
 from hetbatch.producers.errors import PayloadError, RemoteError
+from hetbatch.producers.protocol.fields import answerable_fields
 from hetbatch.producers.protocol.keys import Keys
 from hetbatch.producers.protocol.ledger import task_id_of
 from hetbatch.producers.protocol.wire import TaskEnvelope, pack_header
 from hetbatch.worker.results import Done, Outcome, ResultWriter, outcomes_of
 
-__all__ = ["POISON", "RAW_KEEP_BYTES", "DeadLetter", "DeadLetters"]
+__all__ = ["POISON", "RAW_KEEP_BYTES", "DeadLetter", "DeadLetters", "named_jobs"]
 
 POISON = "PoisonJob"
 RAW_KEEP_BYTES = 64 * 1024  # of an undecodable entry, kept for a post-mortem
 RAW_PREFIX = "raw-"  # dead-letter ids of undecodable entries
+# Entries up to this size are read for the job ids they name; a bigger one is kept cut,
+# without ids: a lane entry over its size limit was refused unparsed to bound memory.
+_NAMES_SCAN_BYTES = 4 << 20
+_NAMES_KEPT = 100  # job ids kept per dead-letter entry
 
 
 @dataclass(frozen=True)
@@ -95,18 +104,22 @@ class DeadLetters:
         return outcomes
 
     def bury_raw(self, raw: bytes, reason: str, queue: str) -> str:
-        """Dead-letter an entry that names no job (see the module docstring); returns its id.
+        """Dead-letter an entry that cannot be run or answered as a task (see the module
+        docstring), with the job ids it still names; returns its id.
 
         Raises:
             redis.RedisError: Redis is unreachable or refused the write.
         """
         task_id = f"{RAW_PREFIX}{uuid.uuid4().hex}"
         key = self.keys.task(task_id)
+        # Only the first RAW_KEEP_BYTES are kept: a huge field before ``items`` would cut
+        # the job ids off, so they are stored on their own.
+        jobs = named_jobs(raw)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(
             key,
             mapping={"raw": raw[:RAW_KEEP_BYTES], "size": len(raw), "dead": time.time(), "reason": reason[:2000],
-                     "queue": queue, "attempts": 0},
+                     "queue": queue, "attempts": 0, "jobs": json.dumps(jobs)},
         )  # fmt: skip
         pipe.expire(key, self.result_ttl_s)
         pipe.lpush(self.keys.dlq(), task_id)
@@ -190,15 +203,44 @@ class DeadLetters:
 
 
 def _describe(record: dict[bytes, bytes]) -> tuple[str, tuple[str, ...]]:
-    """``(model, job ids)`` of a dead-letter record; ``("-", ())`` for a raw entry or one
-    recorded by a producer of another schema (the task id still names it)."""
+    """``(model, job ids)`` of a dead-letter record; for a raw entry the ids it names
+    (``named_jobs``); ``("-", ())`` for one recorded by a producer of another schema (the
+    task id still names it)."""
     if b"env" not in record:
-        return "-", ()
+        try:
+            jobs = json.loads(record.get(b"jobs", b"[]"))
+        except ValueError:
+            return "-", ()
+        return "-", tuple(str(j) for j in jobs) if isinstance(jobs, list) else ()
     try:
         env = TaskEnvelope.from_dict(json.loads(record[b"env"]))
     except (ValueError, PayloadError):
         return "-", ()
     return env.ref, tuple(i.job_id for i in env.items)
+
+
+def named_jobs(raw: bytes) -> list[str]:
+    """The job ids (at most ``_NAMES_KEPT``, pack ids as the pack) that an entry refused as
+    a whole names, when they can be read: a lane entry's, or the envelope's in a kombu
+    frame's body; [] for anything else. Never raises: hostile bytes of any kind come here."""
+    if len(raw) > _NAMES_SCAN_BYTES:
+        return []
+    try:
+        data = json.loads(raw)
+        if isinstance(data, dict) and "body" in data and "items" not in data and "pack" not in data:
+            body = data["body"]
+            if isinstance(data.get("properties"), dict) and data["properties"].get("body_encoding") == "base64":
+                body = base64.b64decode(body, validate=True)
+            data = json.loads(body)[0][0]
+        found = answerable_fields(data)
+    except (ValueError, TypeError, KeyError, IndexError, binascii.Error, RecursionError):
+        return []
+    if found is None:
+        return []
+    items, _, pack = found
+    if pack is not None:
+        return [pack]
+    return list(dict.fromkeys(job for job, _, _ in items))[:_NAMES_KEPT]
 
 
 def _is_poison(stored: bytes) -> bool:
