@@ -34,7 +34,7 @@ import numpy as np
 from hetbatch.producers import BrokerError, Client, ClientSettings
 from hetbatch.producers.protocol.keys import Keys
 from hetbatch.worker.devtools.redis_server import RedisServer, free_port
-from tests.kit.faults import FaultyWorker
+from tests.kit.faults import FaultyWorker, faulty_options
 from tests.kit.helpers import WorkerProcess, column, register
 from tests.kit.models import sklearn_model
 
@@ -109,7 +109,8 @@ def run_chaos(
     stop = threading.Event()
     chaos_thread: threading.Thread | None = None
     try:
-        register(client, built.directory)
+        with faulty_options():
+            register(client, built.directory)
         steady = worker_type(redis_proc.url, work_dir, "--name", "steady@%h", env=env)
         victim = worker_type(redis_proc.url, work_dir, "--name", "victim@%h", env=env)
         rng = np.random.default_rng(0)

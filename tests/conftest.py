@@ -63,13 +63,9 @@ def client(redis_url: str) -> Iterator[Client]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _faulty_options_register() -> Iterator[None]:
-    """Registration checks ``[options]`` against the adapter class, and some tests register
-    models with the fault options of ``tests.kit.faults`` (``sleep_s``, ``crash_on``) for the
-    ``FaultyWorker`` that runs them: the test process knows that adapter (a superset of the
-    stock scikit-learn one, identical without those options)."""
-    from hetbatch import adapters
+    """Some tests register models with the fault options of ``tests.kit.faults``
+    (``sleep_s``, ``crash_on``) for the ``FaultyWorker`` that runs them."""
+    from tests.kit.faults import faulty_options
 
-    stock = adapters.ADAPTERS["sklearn"]
-    adapters.ADAPTERS["sklearn"] = ("tests.kit.faults:FaultySklearnAdapter", "sklearn")
-    yield
-    adapters.ADAPTERS["sklearn"] = stock
+    with faulty_options():
+        yield

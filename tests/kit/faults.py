@@ -7,10 +7,11 @@ prefork ...`` (the same app on Celery's prefork pool, to kill a pool child).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +27,14 @@ CRASH_EXIT_CODE = 137
 @dataclass(frozen=True)
 class FaultyOptions(SklearnOptions):
     """``crash_on``: a value of feature 0 that makes the process exit at once, like the
-    OOM killer; ``sleep_s``: seconds each call sleeps (not the all-zero warm-up call)."""
+    OOM killer; ``sleep_s``: seconds each call sleeps (not the all-zero warm-up call);
+    ``load_sleep_s``: seconds the load sleeps (a big model); ``log_calls``: each call
+    prints ``faulty-call zeros=<0|1> start=<epoch s> end=<epoch s>`` to the worker log."""
 
     crash_on: float | None = None
     sleep_s: float = 0.0
+    load_sleep_s: float = 0.0
+    log_calls: bool = False
 
 
 class FaultySklearnAdapter(SklearnAdapter):
@@ -38,13 +43,23 @@ class FaultySklearnAdapter(SklearnAdapter):
     options_type = FaultyOptions
     options: FaultyOptions
 
+    def _load(self) -> None:
+        time.sleep(self.options.load_sleep_s)
+        super()._load()
+
     def _predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         marker = self.options.crash_on
         if marker is not None and (inputs["X"][:, 0] == marker).any():
             os._exit(CRASH_EXIT_CODE)
-        if inputs["X"].any():  # the load's warm-up call is all zeros: it does not sleep
+        started = time.time()  # wall clock: the test compares it with its own
+        zeros = not inputs["X"].any()
+        if not zeros:  # the load's warm-up call is all zeros: it does not sleep
             time.sleep(self.options.sleep_s)
-        return super()._predict(inputs)
+        out = super()._predict(inputs)
+        if self.options.log_calls:
+            line = f"faulty-call zeros={int(zeros)} start={started:.6f} end={time.time():.6f}"
+            print(line, file=sys.stderr, flush=True)
+        return out
 
 
 class FaultyWorker(WorkerProcess):
@@ -78,8 +93,24 @@ def _prefork(argv: list[str]) -> int:
     return 0
 
 
+FAULTY = ("tests.kit.faults:FaultySklearnAdapter", "sklearn")
+
+
+@contextlib.contextmanager
+def faulty_options() -> Iterator[None]:
+    """Within it, this process's scikit-learn adapter is the faulty one: registration checks
+    ``[options]`` against the adapter class, and ``sleep_s`` / ``crash_on`` are its options
+    (a superset of the stock adapter's, identical without them)."""
+    stock = adapters.ADAPTERS["sklearn"]
+    adapters.ADAPTERS["sklearn"] = FAULTY
+    try:
+        yield
+    finally:
+        adapters.ADAPTERS["sklearn"] = stock
+
+
 def main(argv: list[str]) -> int:
-    adapters.ADAPTERS["sklearn"] = ("tests.kit.faults:FaultySklearnAdapter", "sklearn")
+    adapters.ADAPTERS["sklearn"] = FAULTY
     if argv and argv[0] == "prefork":
         return _prefork(argv[1:])
     from hetbatch.worker.cli import main as cli_main
