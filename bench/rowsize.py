@@ -140,6 +140,7 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=20_000)
     ap.add_argument("--embeddings", type=int, default=200_000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cases", default="abc", help="which of the cases a, b, c to run (default all)")
     args = ap.parse_args()
     out_dir = ROOT / ".bench"
     out_dir.mkdir(exist_ok=True)
@@ -149,92 +150,113 @@ def main() -> None:
     client = Client.from_url(server.url)
     results: dict[str, Any] = {}
     try:
-        # (a) images
-        cnn = save(
-            out_dir / "m-cnn",
-            "bench-cnn",
-            ImageCNN(),
-            (torch.zeros(2, 3, 224, 224),),
-            inputs=[{"name": "x", "dtype": "float32", "shape": [3, 224, 224]}],
-        )
-        client.registry.register(build_spec(out_dir / "m-cnn"))
-        X = rng.standard_normal((args.images, 3, 224, 224), dtype=np.float32)
-
-        def cnn_inproc() -> None:
-            with torch.inference_mode():
-                for s in range(0, len(X), 64):
-                    cnn(torch.from_numpy(X[s : s + 64]))
-
-        a_in = summary(len(X), timed(cnn_inproc, args.repeats))
-        a_hb = summary(len(X), timed(lambda: client.predict("bench-cnn", {"x": X}, timeout_s=900), args.repeats))
-        results["a_images"] = {"rows": len(X), "MB": round(X.nbytes / 1e6), "in_process": a_in, "hetbatch": a_hb}
-        # (b) ragged token sequences through a transformer encoder
-        enc = save(
-            out_dir / "m-enc",
-            "bench-encoder",
-            Encoder(),
-            (torch.zeros(2, 9, dtype=torch.int64), torch.tensor([9, 4])),
-            inputs=[{"name": "ids", "dtype": "int64", "shape": [-1], "max_length": 256, "lengths": "lengths"}],
-            max_batch_rows=64,
-        )
-        client.registry.register(build_spec(out_dir / "m-enc"))
-        seqs = [rng.integers(1, 1000, int(n)).astype(np.int64) for n in rng.integers(8, 257, args.sequences)]
-        pad64 = padded_calls(enc, seqs[:64], 64, None)
-        b_64 = summary(len(seqs), timed(lambda: padded_calls(enc, seqs, 64, None), args.repeats))
-        b_256 = summary(len(seqs), timed(lambda: padded_calls(enc, seqs, 64, 256), args.repeats))
-        b_hb = summary(
-            len(seqs), timed(lambda: client.predict("bench-encoder", {"ids": seqs}, timeout_s=900), args.repeats)
-        )
-        pad_all = padded_calls(enc, seqs[:640], 64, None)
-        results["b_tokens"] = {
-            "rows": len(seqs),
-            "hetbatch": b_hb,
-            "in_process_pad_per_64": b_64,
-            "in_process_pad_to_256": b_256,
-            "padded_fraction_pad_per_64": round(pad_all, 3),
-            "padded_fraction_pad_to_256": round(1 - float(np.mean([len(s) for s in seqs])) / 256, 3),
-            "first_batch_padded_fraction": round(pad64, 3),
-            "padded_fraction_hetbatch": round(worker_padding(client.spec("bench-encoder"), seqs), 3),
-        }
-        # (c) embeddings: 768 floats out per row
-        save(
-            out_dir / "m-emb",
-            "bench-embed",
-            Embedder(),
-            (torch.zeros(2, 64),),
-            inputs=[{"name": "x", "dtype": "float32", "shape": [64]}],
-        )
-        client.registry.register(build_spec(out_dir / "m-emb"))
-        emb = torch.jit.load(str(out_dir / "m-emb" / "model.pt"))
-        E = rng.standard_normal((args.embeddings, 64), dtype=np.float32)
-
-        def emb_inproc() -> None:
-            with torch.inference_mode():
-                np.concatenate([emb(torch.from_numpy(E[s : s + 8192])).numpy() for s in range(0, len(E), 8192)])
-
-        c_in = summary(len(E), timed(emb_inproc, args.repeats))
-        c_hb = summary(len(E), timed(lambda: client.predict("bench-embed", {"x": E}, timeout_s=900), args.repeats))
-        results["c_embeddings"] = {
-            "rows": len(E),
-            "out_MB": round(len(E) * 768 * 4 / 1e6),
-            "in_process": c_in,
-            "hetbatch": c_hb,
-        }
+        if "a" in args.cases:
+            bench_images(client, out_dir, rng, args, results)
+        if "b" in args.cases:
+            bench_tokens(client, out_dir, rng, args, results)
+        if "c" in args.cases:
+            bench_embeddings(client, out_dir, rng, args, results)
     finally:
         client.close()
         stop_process(worker)
         server.stop()
-    a, b, c = results["a_images"], results["b_tokens"], results["c_embeddings"]
-    ratios = {
-        "a_images_vs_in_process": a["hetbatch"]["median"] / a["in_process"]["median"],
-        "b_tokens_vs_pad_per_64": b["hetbatch"]["median"] / b["in_process_pad_per_64"]["median"],
-        "b_tokens_vs_pad_to_256": b["hetbatch"]["median"] / b["in_process_pad_to_256"]["median"],
-        "c_embeddings_vs_in_process": c["hetbatch"]["median"] / c["in_process"]["median"],
-    }
+    ratios = {}
+    if "a_images" in results:
+        a = results["a_images"]
+        ratios["a_images_vs_in_process"] = a["hetbatch"]["median"] / a["in_process"]["median"]
+    if "b_tokens" in results:
+        b = results["b_tokens"]
+        ratios["b_tokens_vs_pad_per_64"] = b["hetbatch"]["median"] / b["in_process_pad_per_64"]["median"]
+        ratios["b_tokens_vs_pad_to_256"] = b["hetbatch"]["median"] / b["in_process_pad_to_256"]["median"]
+    if "c_embeddings" in results:
+        c = results["c_embeddings"]
+        ratios["c_embeddings_vs_in_process"] = c["hetbatch"]["median"] / c["in_process"]["median"]
     results["ratios"] = {k: round(v, 2) for k, v in ratios.items()}
     (out_dir / "rowsize.json").write_text(json.dumps(results, indent=2))
     for name, row in results.items():
         print(name, json.dumps(row, default=lambda v: round(v, 1)))
+
+
+def bench_images(client: Client, out_dir: Path, rng: np.random.Generator, args: Any, results: dict[str, Any]) -> None:
+    """(a) one job of ``args.images`` images through the CNN."""
+    cnn = save(
+        out_dir / "m-cnn",
+        "bench-cnn",
+        ImageCNN(),
+        (torch.zeros(2, 3, 224, 224),),
+        inputs=[{"name": "x", "dtype": "float32", "shape": [3, 224, 224]}],
+    )
+    client.registry.register(build_spec(out_dir / "m-cnn"))
+    X = rng.standard_normal((args.images, 3, 224, 224), dtype=np.float32)
+
+    def cnn_inproc() -> None:
+        with torch.inference_mode():
+            for s in range(0, len(X), 64):
+                cnn(torch.from_numpy(X[s : s + 64]))
+
+    a_in = summary(len(X), timed(cnn_inproc, args.repeats))
+    a_hb = summary(len(X), timed(lambda: client.predict("bench-cnn", {"x": X}, timeout_s=900), args.repeats))
+    results["a_images"] = {"rows": len(X), "MB": round(X.nbytes / 1e6), "in_process": a_in, "hetbatch": a_hb}
+
+
+def bench_tokens(client: Client, out_dir: Path, rng: np.random.Generator, args: Any, results: dict[str, Any]) -> None:
+    """(b) ragged token sequences through a transformer encoder."""
+    enc = save(
+        out_dir / "m-enc",
+        "bench-encoder",
+        Encoder(),
+        (torch.zeros(2, 9, dtype=torch.int64), torch.tensor([9, 4])),
+        inputs=[{"name": "ids", "dtype": "int64", "shape": [-1], "max_length": 256, "lengths": "lengths"}],
+        max_batch_rows=64,
+    )
+    client.registry.register(build_spec(out_dir / "m-enc"))
+    seqs = [rng.integers(1, 1000, int(n)).astype(np.int64) for n in rng.integers(8, 257, args.sequences)]
+    pad64 = padded_calls(enc, seqs[:64], 64, None)
+    b_64 = summary(len(seqs), timed(lambda: padded_calls(enc, seqs, 64, None), args.repeats))
+    b_256 = summary(len(seqs), timed(lambda: padded_calls(enc, seqs, 64, 256), args.repeats))
+    b_hb = summary(
+        len(seqs), timed(lambda: client.predict("bench-encoder", {"ids": seqs}, timeout_s=900), args.repeats)
+    )
+    pad_all = padded_calls(enc, seqs[:640], 64, None)
+    results["b_tokens"] = {
+        "rows": len(seqs),
+        "hetbatch": b_hb,
+        "in_process_pad_per_64": b_64,
+        "in_process_pad_to_256": b_256,
+        "padded_fraction_pad_per_64": round(pad_all, 3),
+        "padded_fraction_pad_to_256": round(1 - float(np.mean([len(s) for s in seqs])) / 256, 3),
+        "first_batch_padded_fraction": round(pad64, 3),
+        "padded_fraction_hetbatch": round(worker_padding(client.spec("bench-encoder"), seqs), 3),
+    }
+
+
+def bench_embeddings(
+    client: Client, out_dir: Path, rng: np.random.Generator, args: Any, results: dict[str, Any]
+) -> None:
+    """(c) embeddings: 768 floats out per row."""
+    save(
+        out_dir / "m-emb",
+        "bench-embed",
+        Embedder(),
+        (torch.zeros(2, 64),),
+        inputs=[{"name": "x", "dtype": "float32", "shape": [64]}],
+    )
+    client.registry.register(build_spec(out_dir / "m-emb"))
+    emb = torch.jit.load(str(out_dir / "m-emb" / "model.pt"))
+    E = rng.standard_normal((args.embeddings, 64), dtype=np.float32)
+
+    def emb_inproc() -> None:
+        with torch.inference_mode():
+            np.concatenate([emb(torch.from_numpy(E[s : s + 8192])).numpy() for s in range(0, len(E), 8192)])
+
+    c_in = summary(len(E), timed(emb_inproc, args.repeats))
+    c_hb = summary(len(E), timed(lambda: client.predict("bench-embed", {"x": E}, timeout_s=900), args.repeats))
+    results["c_embeddings"] = {
+        "rows": len(E),
+        "out_MB": round(len(E) * 768 * 4 / 1e6),
+        "in_process": c_in,
+        "hetbatch": c_hb,
+    }
 
 
 if __name__ == "__main__":

@@ -45,6 +45,11 @@ def _column_bytes(col: pa.ChunkedArray) -> np.ndarray | int:
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t):
         lengths: np.ndarray = pc.binary_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
         return lengths + (8 if pa.types.is_large_string(t) else 4)
+    if pa.types.is_fixed_size_list(t) and pa.types.is_string(t.value_type):  # text of shape (k,)
+        flat = [pc.binary_length(c.flatten()).to_numpy(zero_copy_only=False) for c in col.chunks]
+        chars = np.concatenate(flat or [np.zeros(0)]).astype(np.int64).reshape(-1, t.list_size)
+        per_row: np.ndarray = chars.sum(axis=1) + 4 * t.list_size
+        return per_row
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         counts: np.ndarray = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
         return counts * _value_width(t.value_type) + (8 if pa.types.is_large_list(t) else 4)

@@ -115,6 +115,10 @@ class WorkerMetrics(Hook):
         self.compute = Histogram(
             "hetbatch_compute_seconds", "Model call time per batch", ["model"], buckets=_SECONDS_BUCKETS, registry=reg
         )
+        self.padded = Histogram(
+            "hetbatch_padded_fraction", "Padded elements / all elements of a batch's calls (ragged inputs only)",
+            ["model"], buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75), registry=reg,
+        )  # fmt: skip
         reg.register(_Live(client, Keys(settings.prefix), settings.queue_names, loaded))
 
     def start(self) -> WorkerMetrics:
@@ -177,3 +181,5 @@ class WorkerMetrics(Hook):
         self.batch_requests.labels(model).observe(stats.requests)
         self.queue_wait.labels(model).observe(stats.queue_wait_s)
         self.compute.labels(model).observe(stats.compute_s)
+        if stats.padded_fraction is not None:
+            self.padded.labels(model).observe(stats.padded_fraction)

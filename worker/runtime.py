@@ -34,6 +34,7 @@ from hetbatch.producers.protocol.schema import arrays_to_table, table_to_arrays
 from hetbatch.producers.protocol.transport import Transport
 from hetbatch.producers.protocol.wire import DEVICE_KEY, Item, TaskEnvelope, answerable, decode_table
 from hetbatch.worker.batching import Arrays, Arrivals, Batcher, BatchStats
+from hetbatch.worker.budget import ByteBudget, task_bytes
 from hetbatch.worker.hooks import Hook
 from hetbatch.worker.models import LoadedModel, ModelCache
 from hetbatch.worker.ops.dlq import DeadLetters
@@ -87,6 +88,8 @@ class Runtime:
         self.transport = Transport(self.keys, settings.shm_dir, settings.max_payload_bytes)
         self.registry = Registry(self.redis, self.keys)
         self.arrivals = Arrivals()
+        # Bounds memory by the bytes of the tasks in flight, not by thread count x chunk size.
+        self.budget = ByteBudget(settings.max_inflight_bytes)
         self.models = ModelCache(self.registry, settings, on_batch=self._record_batch, arrivals=self.arrivals)
         self.writer = ResultWriter(
             self.redis, self.keys, ttl_s=settings.result_ttl_s, inline_bytes=settings.notice_inline_bytes
@@ -158,6 +161,18 @@ class Runtime:
         starts = self.ledger.begin_many(
             envs, worker=self.worker_id, ttl_s=self.settings.result_ttl_s, max_attempts=self.settings.max_attempts
         )
+        with self.budget.hold(sum(self._task_bytes(env) for env in envs)):
+            later, failed = self._run_many(envs, starts)
+        for env in later:  # attempted before: alone, after the innocent batch is stored
+            with self._isolation:
+                self._warm(env)
+                self._handle(env, self._begin(env, claim=True))
+        models = sorted({env.ref for env in envs})
+        return {"models": models, "tasks": len(envs), "failed": failed, "rows": sum(env.rows for env in envs)}
+
+    def _run_many(self, envs: Sequence[TaskEnvelope], starts: Sequence[Start]) -> tuple[list[TaskEnvelope], int]:
+        """``handle_many``'s tasks that may run now, run and stored; returns the suspects
+        (to run alone next) and how many items failed."""
         running: list[tuple[TaskEnvelope, _Calls]] = []
         later: list[TaskEnvelope] = []
         # The whole batch is on its way: a batcher must not start a call for the first
@@ -179,13 +194,14 @@ class Runtime:
                 self.arrivals.leave(ref)
         finished = [(env, self._collect(calls)) for env, calls in running]
         self._store(finished)
-        for env in later:  # attempted before: alone, after the innocent batch is stored
-            with self._isolation:
-                self._warm(env)
-                self._handle(env, self._begin(env, claim=True))
-        failed = sum(len(d.items) for _, done in finished for d in done if d.error is not None)
-        models = sorted({env.ref for env in envs})
-        return {"models": models, "tasks": len(envs), "failed": failed, "rows": sum(env.rows for env in envs)}
+        return later, sum(len(d.items) for _, done in finished for d in done if d.error is not None)
+
+    def _task_bytes(self, env: TaskEnvelope) -> int:
+        """What ``env`` holds while it runs (``worker.budget``); 0 for a model not found (its error)."""
+        try:
+            return task_bytes(self.models.spec(env.ref), env.rows)
+        except Exception:  # met again, and stored as the job's error, in _start
+            return 0
 
     def _handle(self, env: TaskEnvelope, start: Start) -> dict[str, Any]:
         if start.verdict is Verdict.GONE:
@@ -203,8 +219,9 @@ class Runtime:
             log.error("dead-lettering %s: %s", env.describe(), reason)
             self.dead_letters.bury(env, start.attempts, reason)
             return {"model": env.model, "dead_lettered": len(todo)}
-        done = self._run(env, todo)
-        self._store([(env, done)])
+        with self.budget.hold(self._task_bytes(env)):
+            done = self._run(env, todo)
+            self._store([(env, done)])
         failed = sum(len(d.items) for d in done if d.error is not None)
         return {"model": env.ref, "items": len(todo), "failed": failed, "rows": env.rows}
 

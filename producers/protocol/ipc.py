@@ -7,8 +7,8 @@ module reads the stream message by message and, before pyarrow touches a body:
 
 - the schema must use only the wire's types (``ALLOWED_TYPES``: what
   ``producers.protocol.schema`` produces), flat or as a fixed-size list of them, or a
-  (32-bit offset) list of either for ragged rows; the only extension type accepted is
-  ``arrow.fixed_shape_tensor``;
+  (32-bit offset) list of numbers or of fixed-size lists of numbers for ragged rows;
+  the only extension type accepted is ``arrow.fixed_shape_tensor``;
 - every record batch header is parsed (flatbuffers, bounds-checked) and refused if it
   declares compression, a negative or over-``max_rows`` length, or buffers outside
   the message body; dictionary batches are refused;
@@ -50,18 +50,21 @@ def check_type(name: str, t: pa.DataType) -> None:
     """
     if isinstance(t, pa.FixedShapeTensorType):
         t = t.storage_type
-    if pa.types.is_list(t):  # a ragged input or output (producers.protocol.ragged): one level, 32-bit offsets
+    whole = t
+    ragged = pa.types.is_list(t)  # a ragged input or output (producers.protocol.ragged): one level, 32-bit offsets
+    if ragged:
         t = t.value_type
-        if t in ALLOWED_TYPES and t != pa.string():
-            return
-    if pa.types.is_fixed_size_list(t) and t.value_type in ALLOWED_TYPES and t.value_type != pa.string():
+    # A fixed-size list of strings is a text input of per-row shape (k,), e.g. skl2onnx's
+    # [None, 1]; strings never come in variable-length rows.
+    fixed = pa.types.is_fixed_size_list(t) and t.value_type in ALLOWED_TYPES
+    if fixed and not (ragged and t.value_type == pa.string()):
         if t.list_size <= 0:
             raise PayloadError(f"column {name!r}: fixed-size list of size {t.list_size}")
         return
-    if t not in ALLOWED_TYPES:
+    if t not in ALLOWED_TYPES or (ragged and t == pa.string()):
         raise PayloadError(
-            f"column {name!r} has type {t}, which the wire does not carry (allowed: bool, string, "
-            "(u)int8-64, float16-64, fixed-size lists of numbers, and lists of either of those)"
+            f"column {name!r} has type {whole}, which the wire does not carry (allowed: bool, string, "
+            "(u)int8-64, float16-64, fixed-size lists of those, and lists of numbers or of fixed-size lists of numbers)"
         )
 
 

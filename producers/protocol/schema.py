@@ -2,7 +2,8 @@
 
 An input of per-row shape ``()`` is a plain Arrow column; any other shape travels as
 one ``fixed_size_list`` column of the flattened row, which decodes to a contiguous
-``(N, *shape)`` numpy array without a copy. Dtypes are never changed silently: a
+``(N, *shape)`` numpy array without a copy; strings too (skl2onnx's text input ``[None, 1]``
+is ``fixed_size_list<string, 1>``, and the client takes one value per row for it). Dtypes are never changed silently: a
 lossless (``safe``) cast is the most the client does unless asked.
 """
 
@@ -213,14 +214,14 @@ def _column_values(col: pa.ChunkedArray | pa.Array, spec: TensorSpec, cast: Cast
             )
         values = arr.flatten().to_numpy(zero_copy_only=False).reshape((len(arr), *spec.shape))
     else:
-        if spec.shape:
+        if spec.shape and spec.size != 1:  # one value per row (a text column) fits a shape of (1,)
             raise SchemaMismatch(
                 "a scalar column was given for a tensor input",
                 column=spec.name,
                 expected=spec.describe(),
                 received=_describe_arrow(t),
             )
-        values = arr.to_numpy(zero_copy_only=False)
+        values = arr.to_numpy(zero_copy_only=False).reshape((len(arr), *spec.shape))
     return _cast(values, spec, cast)
 
 
@@ -277,13 +278,11 @@ def _input_array(data: pa.Table | dict[str, np.ndarray], spec: TensorSpec, cast:
             arr = data[spec.name]
             if spec.ragged:
                 return ragged.from_values(arr, spec, lambda values: _cast(values, spec, cast))
+            if arr.ndim == 1 and spec.shape and spec.size == 1:  # one value per row: (N,) is (N, 1)
+                arr = arr.reshape((len(arr), *spec.shape))
             if arr.shape[1:] != spec.shape:
-                raise SchemaMismatch(
-                    "wrong shape",
-                    column=spec.name,
-                    expected=spec.describe(),
-                    received=f"{_dtype_name(arr.dtype)}{list(arr.shape[1:])}",
-                )
+                got = f"{_dtype_name(arr.dtype)}{list(arr.shape[1:])}"
+                raise SchemaMismatch("wrong shape", column=spec.name, expected=spec.describe(), received=got)
             return _cast(arr, spec, cast)
         if spec.columns and all(c in data for c in spec.columns):
             cols = [_cast(np.asarray(data[c]), TensorSpec(c, spec.dtype), cast) for c in spec.columns]

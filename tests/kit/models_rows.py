@@ -7,6 +7,9 @@ written as registrable directories (random weights: parity, not accuracy, is the
   output ``hidden`` (length, 16) and a masked mean ``pooled`` (16,); TorchScript taking
   ``lengths``, or ONNX taking an ``attention_mask``.
 - ``tiny_encoder``: a 2-layer transformer encoder, width 128 (the length-bucketing bench).
+- ``text_classifier``: a scikit-learn TF-IDF + logistic regression pipeline on a small
+  made-up corpus (scikit-learn ships no text data set: 20 newsgroups is a download), as
+  skops (string input ``X`` of shape ``()``) or its skl2onnx conversion (``text``, ``[None, 1]``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,17 @@ from torch import nn
 
 from hetbatch.worker.modelops.registration import write_config
 
-__all__ = ["ImageCNN", "TokenModel", "image_cnn", "run_rows_alone", "token_model", "tokens", "wide_output"]
+__all__ = [
+    "ImageCNN",
+    "TokenModel",
+    "corpus",
+    "image_cnn",
+    "run_rows_alone",
+    "text_classifier",
+    "token_model",
+    "tokens",
+    "wide_output",
+]
 
 VOCAB = 1000
 
@@ -174,3 +187,89 @@ def run_rows_alone(run: Any, rows: list[np.ndarray]) -> tuple[list[np.ndarray], 
         hidden.append(h[0])
         pooled.append(p[0])
     return hidden, np.stack(pooled)
+
+
+_TOPICS = {
+    "pets": "cat dog kitten puppy leash vet fur purr bark yarn collar paw",
+    "markets": "stock bond market shares yield investors earnings rally index trader dividend",
+    "weather": "rain snow storm forecast sunny wind humid frost thunder cloudy drizzle",
+}
+TOKENS = r"[\p{L}\p{N}_][\p{L}\p{N}_]+"
+"""scikit-learn's token pattern ``(?u)\\b\\w\\w+\\b`` for the converted tokenizer: skl2onnx
+passes it on as it is, but ONNX Runtime's regex engine (RE2) reads ``\\w`` and ``\\b`` as
+ASCII only, so "café" or "東京" would be split differently (probabilities off by up to
+0.2 on such text); RE2's Unicode classes match what Python's ``\\w`` does."""
+_FILLER = [
+    "the",
+    "a",
+    "of",
+    "on",
+    "in",
+    "and",
+    "with",
+    "this",
+    "today",
+    "very",
+    "Über",
+    "café",
+    "naïve",
+    "東京",
+    "déjà-vu,",
+    "!?",
+    "42",
+]
+
+
+def corpus(rows: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``rows`` short documents and their topic labels: topic words mixed with filler
+    (accents, CJK, punctuation, digits), casing varied, a few documents empty or filler only."""
+    rng = np.random.default_rng(seed)
+    names = sorted(_TOPICS)
+    docs, labels = [], []
+    for i in range(rows):
+        label = names[int(rng.integers(len(names)))]
+        words = list(rng.choice(_TOPICS[label].split(), int(rng.integers(0, 8))))
+        words += list(rng.choice(_FILLER, int(rng.integers(0, 6))))
+        rng.shuffle(words)
+        text = " ".join(w.upper() if rng.random() < 0.1 else w for w in words)
+        docs.append("" if i % 97 == 5 else text)
+        labels.append(label)
+    return docs, labels
+
+
+def text_classifier(directory: Path, name: str, framework: str) -> tuple[Path, Any]:
+    """The TF-IDF + logistic regression pipeline, fitted on ``corpus(400)``, as skops
+    (``framework="sklearn"``) or ONNX; returns the directory and the in-process model
+    (the fitted pipeline, or an ONNX Runtime session on the same file)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    docs, labels = corpus(400, seed=1)
+    pipeline = make_pipeline(TfidfVectorizer(ngram_range=(1, 2)), LogisticRegression(max_iter=500))
+    pipeline.fit(docs, labels)
+    directory.mkdir(parents=True, exist_ok=True)
+    if framework == "sklearn":
+        import skops.io as sio
+
+        sio.dump(pipeline, directory / "model.skops")
+        # A text pipeline has no n_features_in_: the input is declared (one string per row).
+        inputs = [{"name": "X", "dtype": "string", "shape": []}]
+        write_config(directory, name=name, framework="sklearn", artifact="model.skops", inputs=inputs)
+        return directory, pipeline
+    import onnxruntime as ort
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import StringTensorType
+
+    vectorizer, linear = pipeline.steps[0][1], pipeline.steps[1][1]
+    onx = to_onnx(
+        pipeline,
+        initial_types=[("text", StringTensorType([None, 1]))],
+        # ORT's StringNormalizer (lowercasing) builds its locale by name: en_US.UTF-8, the
+        # converter's default, is missing from slim images; C.UTF-8 is always there.
+        options={id(vectorizer): {"locale": "C.UTF-8", "tokenexp": TOKENS}, id(linear): {"zipmap": False}},
+        target_opset=17,
+    )
+    (directory / "model.onnx").write_bytes(onx.SerializeToString())
+    write_config(directory, name=name, framework="onnx", artifact="model.onnx")
+    return directory, ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])

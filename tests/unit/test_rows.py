@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 
 from hetbatch.producers.chunking import chunk_bounds
-from hetbatch.producers.errors import PayloadTooLarge
+from hetbatch.producers.errors import PayloadError, PayloadTooLarge
+from hetbatch.producers.protocol.ipc import check_type
 from hetbatch.producers.protocol.model import ModelSpec
 from hetbatch.producers.protocol.schema import TensorSpec, table_to_arrays, to_table
 from hetbatch.producers.protocol.wire import decode_table, encode_table
@@ -44,6 +45,26 @@ def test_only_a_row_too_big_for_a_payload_fails_naming_it() -> None:
     table = to_table({"ids": rows}, [TensorSpec("ids", "int64", (-1,))])
     with pytest.raises(PayloadTooLarge, match=r"row 1 of the input is 1600004 bytes"):
         chunk_bounds(table, max_rows=100, max_bytes=1_000, max_payload_bytes=MiB)
+
+
+def test_text_of_shape_1_travels_as_a_fixed_size_list_of_strings() -> None:
+    spec = TensorSpec("text", "string", (1,))
+    docs = ["café 東京", "", "a,b"]
+    table = to_table({"text": docs}, [spec])  # one string per row fills the (1,) shape
+    assert table.column("text").type == pa.list_(pa.string(), 1)
+    back = table_to_arrays(decode_table(encode_table(table)), [spec])["text"]
+    assert back.shape == (3, 1) and back[:, 0].tolist() == docs
+    # counted by its characters: 4 bytes of offset + the UTF-8 length of each row's string
+    assert chunk_bounds(table, max_rows=10, max_bytes=16, max_payload_bytes=MiB) == [(0, 1), (1, 2)]  # 16, 4 + 7
+
+
+@pytest.mark.parametrize(
+    "t",
+    [pa.list_(pa.string()), pa.list_(pa.list_(pa.string(), 2)), pa.large_string(), pa.list_(pa.list_(pa.int64()))],
+)
+def test_the_wire_refuses_strings_in_variable_rows_and_deeper_lists(t: pa.DataType) -> None:
+    with pytest.raises(PayloadError, match=r"column 'c' has type .* which the wire does not carry"):
+        check_type("c", t)
 
 
 def test_ragged_rows_travel_unpadded_and_come_back_as_row_views() -> None:
@@ -103,3 +124,28 @@ def test_the_ragged_call_keeps_padded_bytes_within_its_budget() -> None:
     calls: list[tuple[int, int]] = []
     RaggedCall(_model(calls), _spec(), max_rows=64, max_bytes=2_500)({"ids": col})  # type: ignore[arg-type]
     assert calls == [(3, 100), (3, 100), (2, 100)]  # 808 bytes per padded row
+
+
+def test_the_byte_budget_admits_in_order_and_a_task_over_it_alone() -> None:
+    import threading
+    import time
+
+    from hetbatch.worker.budget import ByteBudget
+
+    budget, seen = ByteBudget(100), []
+
+    def task(nbytes: int) -> None:
+        with budget.hold(nbytes):
+            seen.append((nbytes, budget.used))
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=task, args=(n,)) for n in (60, 60, 300, 10, 10)]
+    for i, t in enumerate(threads):
+        t.start()
+        while budget._tickets <= i:  # arrived (took its ticket) before the next starts
+            time.sleep(0.001)
+    for t in threads:
+        t.join()
+    # 60 waits for 60 (120 > 100); 300 runs alone; the small ones wait behind it (no starving).
+    assert seen == [(60, 60), (60, 60), (300, 300), (10, 10), (10, 20)]
+    assert budget.used == 0 and budget.take_peak() == 300
