@@ -6,6 +6,7 @@
 - the ``Runtime`` (decode, validate, batch, store), built once, at worker start or at
   the first task, with its hooks: the ensemble hand-on (``worker.ensemble``), metrics
   (``worker.metrics``), batch statistics and input cleanup (``worker.hooks``);
+- before Celery starts consuming: the preload models (``preload``, the warm-up gate);
 - at worker start: the heartbeat (``worker.heartbeat``), the watchdog
   (``worker.watchdog``: leases and the reconciler) and the lane (``worker.lane``);
   at worker shutdown, the same stopped in reverse.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,6 +92,15 @@ class WorkerProcess:
         s = self.settings
         # Celery would retry a refused login forever, a traceback each time: say it once and exit.
         check_redis(s.redis_url, tries=s.redis_login_tries, wait=s.wait_for_redis)
+        # Before Celery connects its consumer: until worker_main runs, no message is
+        # reserved, so jobs wait in Redis (where a warm worker takes them) during the load.
+        if s.preload_refs and not logging.getLogger().handlers:
+            # Celery sets up logging in worker_main, after the preload: until then, its
+            # format on stderr (Celery replaces this handler with its own).
+            logging.basicConfig(
+                level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
+            )
+        self.preload()
         concurrency = self.settings.concurrency if pool == "threads" else 1
         celery_pool = pool_option() if pool == "threads" else pool
         queues = ",".join(self.settings.queue_names)
@@ -97,6 +108,27 @@ class WorkerProcess:
                 "--loglevel", loglevel, "--without-mingle", "--without-gossip",
                 *(["-E"] if self.settings.task_events else []), *extra]  # fmt: skip
         self.app.worker_main(argv)
+
+    def preload(self) -> None:
+        """Load the models of ``settings.preload`` and make their warm-up call (the load's
+        call on zeros, ``ModelCache``), before the worker takes any job: the warm-up gate.
+
+        Raises:
+            ModelNotFound: a preload model is not registered.
+            ModelLoadError, UnsafeArtifact, MissingFramework: a preload model failed to
+                load or failed its warm-up call; the worker does not start.
+        """
+        refs = self.settings.preload_refs
+        if not refs:
+            return
+        runtime = self.parts().runtime
+        for ref in refs:
+            started = time.monotonic()
+            spec = runtime.registry.model(ref)  # "name" resolves to the latest version now
+            log.info("preload %s: loading", spec.ref)
+            runtime.models.get(spec)
+            log.info("preload %s: loaded and warmed up in %.2f s", spec.ref, time.monotonic() - started)
+        log.info("preload: %d model(s) warm; consuming from now on", len(refs))
 
     # -- the tasks -----------------------------------------------------------------
 

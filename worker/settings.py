@@ -42,6 +42,10 @@ class WorkerSettings:
     """Most input bytes per model call, whatever ``max_batch_rows`` says (rows padded to
     the call's longest for ragged inputs): 111 images of 3x224x224 float32, not 8,192
     (4.9 GB). Out-of-memory halving stays the safety net below it."""
+    max_inflight_bytes: int = 256 * 1024 * 1024
+    """Most bytes of tasks in flight at once, each counted as the larger of its input and
+    expected output (``worker.budget``): what bounds the worker's memory, not
+    ``concurrency`` x chunk size. A task larger than this still runs, alone."""
     max_delay_ms: float = 2.0
     """How long a batch waits for more rows when the model's entry sets none."""
     intra_op_threads: int = 0
@@ -70,6 +74,13 @@ class WorkerSettings:
     """Most lane jobs (``worker.lane``) taken from Redis at once."""
     lane_slots: int = 4
     """Lane batches running at once (0: this worker does not drain the lanes)."""
+    preload: str = ""
+    """Comma-separated models (``name`` for the latest version, or ``name@version``) loaded
+    and called once on zeros before the worker consumes anything (``hetbatch worker
+    --preload``): no job reaches a cold model, and jobs wait in Redis, where a warm worker
+    can take them, instead of in this worker while it loads."""
+    tracing: bool = False
+    """Record OpenTelemetry spans (``producers.protocol.tracing``; needs the ``otel`` extra)."""
     task_events: bool = False
     """Send Celery task events from the start. Off by default: each costs three Redis round
     trips per task, and Flower turns them on by itself while it watches (its enable_events)."""
@@ -111,6 +122,11 @@ class WorkerSettings:
                 f"lease_interval_s={self.lease_interval_s} must be under half of "
                 f"visibility_timeout_s={self.visibility_timeout_s}, or live workers' messages get redelivered"
             )
+
+    @property
+    def preload_refs(self) -> list[str]:
+        """The models of ``preload``, in order, without blanks."""
+        return [ref.strip() for ref in self.preload.split(",") if ref.strip()]
 
     @property
     def queue_names(self) -> list[str]:

@@ -97,6 +97,16 @@ def test_every_container_command_is_accepted_by_the_real_cli(name: str) -> None:
         assert args.command == "backlog" and args.serve_port is not None
 
 
+@pytest.mark.parametrize("name", [n for n in sorted(DEPLOYMENTS) if n.startswith("hetbatch-worker-")])
+def test_the_grace_period_outlasts_the_longest_batch(name: str) -> None:
+    # Past the grace period Kubernetes SIGKILLs the pod: a batch still running then is
+    # cut, and its jobs wait for the visibility timeout after all.
+    deployment = DEPLOYMENTS[name]
+    grace = int(deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
+    longest = float(env_of(deployment).get("HETBATCH_TASK_TIMEOUT_S") or WorkerSettings().task_timeout_s)
+    assert grace > longest
+
+
 @pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
 def test_every_variable_is_a_setting_the_code_reads(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     env = env_of(DEPLOYMENTS[name])

@@ -19,6 +19,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--name", default=None, help="Celery node name")
     p.add_argument("--loglevel", default="INFO")
     p.add_argument(
+        "--preload", default=None, metavar="MODELS",
+        help="comma-separated name or name@version: loaded and warmed up before any job is taken",
+    )  # fmt: skip
+    p.add_argument(
         "--wait-for-redis", action="store_true", default=None,
         help="retry a refused Redis login until it succeeds (default: exit after a few tries)",
     )  # fmt: skip
@@ -49,7 +53,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
             raise SystemExit("hetbatch worker: --pool gpu: none of onnxruntime, torch, tensorflow imports here")
     if len(gpus) > 1:
         passed = ["--loglevel", args.loglevel, *(["--wait-for-redis"] if args.wait_for_redis else [])]
-        options = {"--redis-url": args.redis_url, "--queues": args.queues, "--concurrency": args.concurrency}
+        options = {
+            "--redis-url": args.redis_url, "--queues": args.queues,
+            "--concurrency": args.concurrency, "--preload": args.preload,
+        }  # fmt: skip
         for flag, value in options.items():
             if value is not None:
                 passed += [flag, str(value)]
@@ -69,6 +76,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         queues=args.queues,
         concurrency=args.concurrency,
         wait_for_redis=args.wait_for_redis,
+        preload=args.preload,
     )
     name = args.name or f"{settings.pool}{args.gpus or ''}-{os.getpid()}@%h"
     WorkerProcess(settings).run(name, loglevel=args.loglevel)
