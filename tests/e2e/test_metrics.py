@@ -161,6 +161,6 @@ def test_status_lists_queues_workers_pools_and_loaded_models(private_redis: str,
     assert "sklearn.cpu" in me["queues"] and report["queues"]["sklearn.cpu"]["0"] == 0
     table = status().splitlines()
     assert table[0].split()[:3] == ["QUEUE", "DEPTH", "BY"]
-    (row,) = [line for line in table if line.split()[0] == "sklearn.cpu"]  # not its host queue
+    (row,) = [line for line in table if line.split()[:1] == ["sklearn.cpu"]]  # not its host queue
     assert row.split()[:2] == ["sklearn.cpu", "0"]
     assert "metrics-test@localhost" in row and " cpu " in row and ran["ref"] in row and " yes " in row

@@ -158,6 +158,6 @@ def test_job_delete_drops_its_result_and_record(backlog: dict[str, Any]) -> None
     client: Client = backlog["client"]
     job = backlog["high"][-1]
     assert job.status() is Status.DONE
-    assert job.delete() == 2  # record + result (the input was gone already)
+    assert job.delete() == 4  # record, result, attempts, ledger task record (the input was gone already)
     assert job.status() is Status.LOST
     assert not backlog["redis"].exists(client.keys.result(job.id, 0), client.keys.job(job.id))
