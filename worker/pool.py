@@ -153,9 +153,7 @@ class Supervision:
     backoff_max_s: float = 60.0
 
 
-def spawn_gpu_workers(
-    gpus: Sequence[str], worker_args: Sequence[str], supervision: Supervision | None = None
-) -> int:
+def spawn_gpu_workers(gpus: Sequence[str], worker_args: Sequence[str], supervision: Supervision | None = None) -> int:
     """Run ``hetbatch worker --pool gpu`` once per GPU, restart a child that dies, and
     wait until all have stopped.
 

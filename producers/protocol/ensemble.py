@@ -73,6 +73,7 @@ class MemberFailed(HetbatchError):
 MAX_SLOTS = 256
 MAX_STAGES = 256
 
+
 @dataclass(frozen=True)
 class Member:
     """One member of an ensemble.
@@ -202,7 +203,6 @@ class EnsembleSpec:
         if data.get("classes") is not None:
             kwargs["classes"] = tuple(data["classes"])
         return cls(**kwargs)
-
 
 
 @dataclass(frozen=True)

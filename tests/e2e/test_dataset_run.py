@@ -214,7 +214,8 @@ def test_a_run_killed_at_six_points_and_resumed_equals_an_uninterrupted_run(
             committed = set(manifest["parts"])
             started_parts -= committed
         assert set(manifest["parts"]) == committed  # exactly what was committed, nothing half
-        assert not (out / SUCCESS_NAME).exists()
+        if (out / SUCCESS_NAME).exists():  # only a kill from outside after the last commit
+            assert event == "random" and len(committed) == 16
         for rel in manifest["parts"]:
             assert pq.read_metadata(out / manifest["parts"][rel]["output"]).num_rows == 2000
     log.unlink(missing_ok=True)

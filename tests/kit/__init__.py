@@ -1,1 +1,2 @@
-"""Shared test kit: tiny real models built on data the libraries ship, worker processes, fault injectors. Imported by tests, bench and scripts."""
+"""Shared test kit: tiny real models built on data the libraries ship, worker processes and
+fault injectors; imported by tests, bench and scripts."""

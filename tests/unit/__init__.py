@@ -1,1 +1,2 @@
-"""Tests of pure parts: codecs, merge/split, fusion, schemas, packaging. No worker, no Redis unless a fixture says so."""
+"""Tests of pure parts: codecs, merge/split, fusion, schemas, packaging (no worker, no Redis
+unless a fixture says so)."""

@@ -25,7 +25,6 @@ from hetbatch.producers.protocol.wire import DEVICES, FRAMEWORKS, queue_for
 __all__ = ["StatusReport", "WorkerInfo", "census", "collect", "render"]
 
 
-
 @dataclass
 class WorkerInfo:
     name: str
