@@ -90,18 +90,20 @@ def run_and_check(client: Client, slow: Built, r: redis.Redis, url: str, port: i
 
     jobs = [client.submit(ref, slow.X[i : i + 1]) for i in range(JOBS)]
     # Taken by the worker (reserved or held) before the first 6 s call has ended.
-    seen = wait_for(now, lambda b: getattr(b, state) > 0, timeout_s=5)
+    seen = wait_for(now, lambda b: getattr(b, state) > 0, timeout_s=30)
     listed = sum(int(r.llen(k)) for k in priority_lists(QUEUE))
     print(f"{state}: backlog {seen} while the priority lists held {listed}")
     assert seen.total == JOBS and getattr(seen, state) > 0 and listed < JOBS
     cli = cli_backlog(url)
     metric = scraped(port)
     print(f"hetbatch backlog: {cli}; metrics endpoint: {metric}")
-    assert cli["total"] == JOBS and cli[state] > 0
-    assert sum(metric.values()) == JOBS and metric[state] > 0
+    # The CLI and the scrape take a few seconds on a loaded machine: by then the first two calls
+    # (concurrency 2) may have ended, never more.
+    assert JOBS - 2 <= cli["total"] <= JOBS and cli[state] > 0
+    assert JOBS - 2 <= sum(metric.values()) <= JOBS and metric[state] > 0
     for i, job in enumerate(jobs):
         np.testing.assert_array_equal(column(job.result(timeout_s=120), "label"), slow.model.predict(slow.X[i : i + 1]))
-    assert wait_for(now, lambda b: b.total == 0, timeout_s=10) == QueueBacklog()
+    assert wait_for(now, lambda b: b.total == 0, timeout_s=30) == QueueBacklog()
 
 
 def test_prefetched_and_running_celery_tasks_count_as_reserved(
