@@ -69,3 +69,16 @@ def _faulty_options_register() -> Iterator[None]:
 
     with faulty_options():
         yield
+
+
+@pytest.fixture()
+def shm_path() -> Iterator[Path]:
+    """A folder on tmpfs (``/dev/shm`` where there is one), for tests of shared-memory inputs:
+    a producer refuses a folder over three quarters full, which a test folder on a busy disk can be."""
+    import shutil
+    import tempfile
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    folder = Path(tempfile.mkdtemp(prefix="hetbatch-test-", dir=base))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

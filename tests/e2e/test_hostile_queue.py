@@ -38,6 +38,13 @@ from tests.kit.helpers import WorkerProcess, column, register
 from tests.kit.hostile import Entry, Hostile, Scene
 from tests.kit.models import Built, sklearn_model
 
+
+@pytest.fixture()
+def tmp_path(shm_path: Path) -> Path:
+    """This module's folders live on tmpfs (see ``shm_path`` in tests/conftest.py)."""
+    return shm_path
+
+
 SEED = int(os.environ.get("HETBATCH_HOSTILE_SEED", "16"))
 ENTRIES = int(os.environ.get("HETBATCH_HOSTILE_ENTRIES", "3000"))
 QUEUE = "sklearn.cpu"

@@ -25,6 +25,13 @@ from tests.kit.broker import ledger_envelope, queued_task_ids, wait_for
 from tests.kit.helpers import FAST_RECOVERY, WorkerProcess, column, register
 from tests.kit.models import Built, sklearn_model
 
+
+@pytest.fixture()
+def tmp_path(shm_path: Path) -> Path:
+    """This module's folders live on tmpfs (see ``shm_path`` in tests/conftest.py)."""
+    return shm_path
+
+
 KEYS_PER_JOB = 5
 """What a job in flight can own at most: record, input, ledger record, attempts, result."""
 

@@ -33,6 +33,13 @@ from tests.kit.helpers import FAST_RECOVERY, WorkerProcess, column, register
 from tests.kit.models import Built, sklearn_model
 from tests.kit.proxy import KillingProxy
 
+
+@pytest.fixture()
+def tmp_path(shm_path: Path) -> Path:
+    """This module's folders live on tmpfs (see ``shm_path`` in tests/conftest.py)."""
+    return shm_path
+
+
 QUEUE = "sklearn.cpu"
 MIN_KILLS = int(os.environ.get("HETBATCH_FAULT_KILLS", "200"))
 
