@@ -37,10 +37,20 @@ def shm_traps(folder: Path, victim_files: list[str], rng: random.Random) -> dict
         os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero: endless bytes
 
     def sock(path: Path, x: np.ndarray) -> None:
-        short = f"/tmp/hb-{uuid.uuid4().hex[:12]}.sock"  # AF_UNIX paths are short: bind, then move
+        # AF_UNIX paths are short (108 bytes): bind in place when it fits, else bind in the same
+        # folder under a short relative name and move it (a rename never crosses devices there).
         with socket.socket(socket.AF_UNIX) as s:
-            s.bind(short)
-        os.rename(short, path)
+            if len(str(path)) < 100:
+                s.bind(str(path))
+                return
+            here = os.getcwd()
+            os.chdir(path.parent)
+            try:
+                short = f"hb-{uuid.uuid4().hex[:12]}.sock"
+                s.bind(short)
+                os.rename(short, path)
+            finally:
+                os.chdir(here)
 
     def sparse(path: Path, x: np.ndarray) -> None:
         with open(path, "wb") as f:
