@@ -64,6 +64,7 @@ class ChaosReport:
     max_attempts_seen: int = 0
     counters: dict[str, float] = field(default_factory=dict)
     recovery_bound_s: float = 0.0
+    recovery_s: float = 0.0  # from the last kill to the last result collected
     rows_per_s: float = 0.0
 
 
@@ -95,8 +96,15 @@ def run_chaos(
     work_dir: Path,
     log: Any = print,
     model_sleep_s: float = 0.0,
+    kills_for_s: float | None = None,
+    collect_timeout_s: float = 240.0,
 ) -> ChaosReport:
-    """Run the chaos scenario (see the module docstring) and return its figures."""
+    """Run the chaos scenario (see the module docstring) and return its figures.
+
+    Worker kills go on for ``kills_for_s`` after the last submit (default: two kill
+    periods); every result is awaited until ``collect_timeout_s`` after that.
+    """
+    kills_for_s = 2 * kill_every_s if kills_for_s is None else kills_for_s
     report = ChaosReport(jobs=jobs)
     redis_proc = _Redis()
     options = {"sleep_s": model_sleep_s} if model_sleep_s > 0 else None
@@ -108,6 +116,8 @@ def run_chaos(
     client = Client(ClientSettings.from_env(redis_url=redis_proc.url, publish_retries=3))
     stop = threading.Event()
     chaos_thread: threading.Thread | None = None
+    kills_end = [float("inf")]  # set once every job is submitted
+    last_kill = [0.0]
     try:
         with faulty_options():
             register(client, built.directory)
@@ -129,12 +139,13 @@ def run_chaos(
                     redis_proc.kill_and_restart(down_s=1.0)
                     report.redis_kills += 1
                     redis_due = None
-                if now >= next_kill and victim is not None:
+                if now >= next_kill and now < kills_end[0] and victim is not None:
                     log(f"[{now - started:6.1f}s] SIGKILL worker pid {victim.proc.pid}")
                     victim.kill()
                     victim.stop()
                     report.worker_kills += 1
                     victim = worker_type(redis_proc.url, work_dir, "--name", f"victim{report.worker_kills}@%h", env=env)
+                    last_kill[0] = time.monotonic()
                     next_kill = time.monotonic() + kill_every_s
                 time.sleep(0.1)
 
@@ -153,20 +164,24 @@ def run_chaos(
                     time.sleep(0.5)
             target = started + (i + 1) / rate_per_s
             time.sleep(max(0.0, target - time.monotonic()))
-        log(f"[{time.monotonic() - started:6.1f}s] all {jobs} jobs submitted; collecting")
+        kills_end[0] = time.monotonic() + kills_for_s
+        elapsed = time.monotonic() - started
+        log(f"[{elapsed:6.1f}s] all {jobs} jobs submitted; collecting (kills go on {kills_for_s:.0f} s)")
+        deadline = kills_end[0] + collect_timeout_s
         for job, x in zip(submitted, inputs, strict=True):
             try:
-                out = job.result(timeout_s=300)
+                out = job.result(timeout_s=max(1.0, deadline - time.monotonic()))
             except Exception as exc:
                 name = type(exc).__name__
                 report.lost += name in ("JobLost", "JobTimeout")
                 report.errors += name not in ("JobLost", "JobTimeout")
-                log(f"job {job.id}: {name}: {exc}")
+                log(f"job {job.id}: {name}: {exc}; attempts: {job.attempts()}")
                 continue
             label_ok = np.array_equal(column(out, "label"), built.model.predict(x))
             proba_ok = np.allclose(column(out, "probabilities"), built.model.predict_proba(x), atol=1e-6)
             report.wrong += not (label_ok and proba_ok)
         report.duration_s = time.monotonic() - started
+        report.recovery_s = max(0.0, time.monotonic() - max(last_kill[0], started))
         stop.set()
         chaos_thread.join()
         chaos_thread = None
@@ -199,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--kill-every-s", type=float, default=10.0)
     parser.add_argument("--redis-kill-at-s", type=float, default=30.0, help="negative: never")
+    parser.add_argument(
+        "--kills-for-s", type=float, default=None, help="kills after the last submit (default 2 periods)"
+    )
     parser.add_argument("--rate-per-s", type=float, default=80.0, help="jobs submitted per second")
     parser.add_argument("--model-sleep-ms", type=float, default=20.0, help="per model call: jobs in flight get killed")
     parser.add_argument("--out", default=None, help="write the report as JSON here")
@@ -211,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             redis_kill_at_s=args.redis_kill_at_s if args.redis_kill_at_s >= 0 else None,
             rate_per_s=args.rate_per_s,
             model_sleep_s=args.model_sleep_ms / 1000,
+            kills_for_s=args.kills_for_s,
             work_dir=Path(tmp),
         )
     text = json.dumps(asdict(report), indent=2)

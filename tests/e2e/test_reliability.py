@@ -260,7 +260,13 @@ def test_chaos_small_worker_kills_and_a_redis_restart_lose_no_job(tmp_path: Path
 
     # A 0.5 s model call keeps a few jobs in the victim's hands at each kill: they need a second attempt.
     report = run_chaos(
-        150, kill_every_s=4.0, redis_kill_at_s=4.0, rate_per_s=15.0, work_dir=tmp_path, model_sleep_s=0.5
+        150,
+        kill_every_s=4.0,
+        redis_kill_at_s=4.0,
+        rate_per_s=15.0,
+        work_dir=tmp_path,
+        model_sleep_s=0.5,
+        collect_timeout_s=180,
     )
     print(report)
     assert report.worker_kills >= 1 and report.redis_kills == 1
