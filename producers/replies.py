@@ -6,10 +6,11 @@ and wakes the jobs the notices name; a job also reads its result keys now and th
 so a missed notice costs a second, not the job.
 
 The logic is written once, as generators that yield the Redis reads and waits they
-need (``Mget``, ``Exists``, ``Blpop``, ``Lpop``, ``Wait``): ``run`` performs them with a
+need (``Mget``, ``Exists``, ``Blpop``, ``Lpop``, ``Wait``, in ``producers.steps``): ``run`` performs them with a
 blocking client for ``Client``, ``arun`` awaits them with ``redis.asyncio`` for
 ``AsyncClient``. So both clients count a LOST job as done, raise ``JobLost`` when the
-job's record vanished, and skip a malformed notice without ending the listener.
+job's record vanished, skip a malformed notice without ending the listener, and read
+a result stored in parts back whole (``join_steps``).
 """
 
 from __future__ import annotations
@@ -17,20 +18,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator, Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, cast
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, cast
 
 import redis
 
-from hetbatch.producers.errors import JobDeleted, JobLost, JobTimeout
+from hetbatch.producers.errors import JobDeleted, JobFailed, JobLost, JobTimeout
 from hetbatch.producers.jobs import Job, status_of
+from hetbatch.producers.protocol import parts
 from hetbatch.producers.protocol.connect import connect
 from hetbatch.producers.protocol.keys import Keys
 from hetbatch.producers.protocol.ledger import Attempt, Ledger
 from hetbatch.producers.protocol.retention import delete_job
 from hetbatch.producers.protocol.transport import Transport
 from hetbatch.producers.protocol.wire import Status, decode_notice
+from hetbatch.producers.steps import Blpop, Exists, Lpop, Mget, Step, Steps, Wait, arun, join_steps, run
 
 __all__ = [
     "WAKE",
@@ -40,9 +42,11 @@ __all__ = [
     "Lpop",
     "Mget",
     "Replies",
+    "Step",
     "Wait",
     "arun",
     "collect_steps",
+    "join_steps",
     "listen_steps",
     "run",
     "status_steps",
@@ -50,46 +54,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 WAKE = b"wake"  # pushed on the reply list by close() to end a BLPOP early: not a notice
 _BLPOP_TIMEOUT_S = 1
 _SWEEP_S = 1.0  # how often a listened-for job reads its result keys anyway
 _POLL_S = 0.05  # how often a job nobody listens for reads them
 _BACKOFF_S = 0.2  # Redis restarting: wait this long between tries
-
-
-@dataclass(frozen=True)
-class Mget:
-    keys: list[str]
-
-
-@dataclass(frozen=True)
-class Exists:
-    key: str
-
-
-@dataclass(frozen=True)
-class Blpop:
-    key: str
-    timeout_s: int
-
-
-@dataclass(frozen=True)
-class Lpop:
-    key: str
-    count: int
-
-
-@dataclass(frozen=True)
-class Wait:
-    """Sleep ``seconds``, or less when a notice for ``unit`` arrives (``None``: just sleep)."""
-
-    unit: str | None
-    seconds: float
-
-
-Step = Mget | Exists | Blpop | Lpop | Wait
-Steps = Generator[Step, Any, T]
 
 
 class Signal(Protocol):
@@ -221,6 +190,7 @@ def collect_steps(inbox: Inbox, keys: Keys, job: Job, timeout_s: float | None) -
                 recorded = not swept or stored[-2] is not None
                 ended = stored[-1] if swept else None
             if len(payloads) == chunks:
+                yield from join_steps(keys, job.id, job.unit, payloads)
                 inbox.untrack(unit)
                 return payloads
             if not recorded and ended:
@@ -248,39 +218,18 @@ def status_steps(keys: Keys, job: Job) -> Steps[Status]:
     """Where ``job`` stands, read from Redis (no waiting)."""
     stored = yield Mget([keys.result(job.unit, c) for c in range(job.chunks)])
     recorded = all(v is not None for v in stored) or bool((yield Exists(keys.job(job.unit))))
+    if job.pack is not None and any(parts.is_manifest(v) for v in stored):
+        # A pack's items' outcomes are in its result's header: read the parts. (A job's
+        # manifest alone says done: only results that succeeded are stored in parts.)
+        payloads = {c: v for c, v in enumerate(stored) if v is not None}
+        try:
+            yield from join_steps(keys, job.id, job.unit, payloads)
+        except JobLost:
+            return Status.LOST
+        except JobFailed:
+            return Status.FAILED
+        stored = [payloads.get(c) for c in range(job.chunks)]
     return status_of(stored, recorded, job.index if job.pack is not None else None)
-
-
-def run(steps: Steps[T], do: Callable[[Step], Any]) -> T:
-    """Run ``steps`` with a blocking ``do``; an error of ``do`` goes back into ``steps``."""
-    reply: Any = None
-    error: Exception | None = None
-    while True:
-        try:
-            step = steps.throw(error) if error is not None else steps.send(reply)
-        except StopIteration as stop:
-            return cast(T, stop.value)
-        reply, error = None, None
-        try:
-            reply = do(step)
-        except Exception as exc:
-            error = exc
-
-
-async def arun(steps: Steps[T], do: Callable[[Step], Awaitable[Any]]) -> T:
-    """``run`` for asyncio: ``do`` is awaited."""
-    reply: Any = None
-    error: Exception | None = None
-    while True:
-        try:
-            step = steps.throw(error) if error is not None else steps.send(reply)
-        except StopIteration as stop:
-            return cast(T, stop.value)
-        reply, error = None, None
-        try:
-            reply = await do(step)
-        except Exception as exc:
-            error = exc
 
 
 class Replies:

@@ -69,7 +69,9 @@ class WorkerSettings:
     heartbeat_interval_s: float = 5.0
     """How often the worker writes its status (pool, queues, loaded models) to Redis."""
     max_result_bytes: int = 256 * 1024 * 1024
-    """Largest stored result of one chunk (a Redis string holds 512 MB at most)."""
+    """Largest value a chunk's result is stored as (a Redis string holds 512 MB at most): a
+    larger result is stored in parts of this size and joined by the client
+    (``producers.protocol.parts``), never refused."""
     lane_batch: int = 256
     """Most lane jobs (``worker.lane``) taken from Redis at once."""
     lane_slots: int = 4

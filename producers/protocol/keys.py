@@ -4,7 +4,9 @@ All keys live under one prefix (``DEFAULT_PREFIX`` unless a deployment sets
 ``prefix``), so several deployments can share one Redis. Layout, prefix ``p``::
 
     jobs          p:in:<job>:<chunk>       string  a chunk's input rows (Arrow IPC), TTL input_ttl_s
-                  p:res:<job>:<chunk>      string  a chunk's stored result, TTL result_ttl_s
+                  p:res:<job>:<chunk>      string  a chunk's stored result (or its manifest of parts), TTL result_ttl_s
+                  p:res:<job>:<chunk>:<i>  string  part i of a result stored in parts (producers.protocol.parts)
+                  p:res:<job>:<chunk>:stage:<w>  string  a big value being stored (worker.results), renamed at once
                   p:job:<job>              string  a job's record (model, chunks, rows)
                   p:gone:<job>             string  tombstone of a deleted or purged job ("deleted"/"purged")
                   p:reply:<client>         list    a producer's reply notices
@@ -93,6 +95,15 @@ class Keys:
 
     def result(self, job_id: str, chunk: int) -> str:
         return f"{self.prefix}:res:{job_id}:{chunk}"
+
+    def result_part(self, job_id: str, chunk: int, part: int) -> str:
+        """Part ``part`` of a chunk's result stored in parts (``producers.protocol.parts``)."""
+        return f"{self.prefix}:res:{job_id}:{chunk}:{part}"
+
+    def result_stage(self, job_id: str, chunk: int, write: str) -> str:
+        """Where write ``write`` (a random token) stages a big value of the chunk's result
+        before the store script renames it into place (``lua/results_store.lua``)."""
+        return f"{self.prefix}:res:{job_id}:{chunk}:stage:{write}"
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"

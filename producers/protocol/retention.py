@@ -1,6 +1,7 @@
 """Ending jobs for good: ``delete_job`` (one job) and ``purge_model`` (a model's queued work).
 
-Both take every key the job owns at once, in one MULTI: its record, inputs, results,
+Both take every key the job owns at once, in one MULTI: its record, inputs, results
+(and the parts of a result stored in parts, ``producers.protocol.parts``, named by its manifest),
 attempts (``Keys.attempts``), ledger records (``Keys.task``) and ledger entries, so the
 reconciler has nothing left to publish again. A job that was not answered yet also gets
 a tombstone (``Keys.gone``, the word "deleted" or "purged", TTL ``TOMBSTONE_TTL_S``):
@@ -27,7 +28,8 @@ from typing import Any, cast
 
 import redis
 
-from hetbatch.producers.errors import PayloadError
+from hetbatch.producers.errors import JobError, PayloadError
+from hetbatch.producers.protocol import parts
 from hetbatch.producers.protocol.keys import Keys, lane_list
 from hetbatch.producers.protocol.kombu import frame_envelope, priority_lists
 from hetbatch.producers.protocol.shm import HOST_SEP
@@ -69,6 +71,18 @@ def job_keys(keys: Keys, unit: str, chunks: int) -> list[str]:
     return names + [keys.task(t) for t in _task_ids(unit, chunks)]
 
 
+def _part_names(keys: Keys, unit: str, chunk: int, value: bytes | None) -> list[str]:
+    """The part keys a stored result names, if it is a manifest (a corrupt one names none:
+    its parts, if any, go with their TTL)."""
+    if not parts.is_manifest(value):
+        return []
+    assert value is not None
+    try:
+        return parts.part_keys(keys, unit, chunk, len(parts.read_manifest(unit, chunk, value)))
+    except JobError:
+        return []
+
+
 def _end(client: redis.Redis, keys: Keys, units: Mapping[str, int], reason: str, ttl_s: int) -> int:
     """Drop every key of ``units`` (unit -> chunks) in one MULTI, and tombstone those not
     answered yet; returns how many keys existed."""
@@ -78,9 +92,12 @@ def _end(client: redis.Redis, keys: Keys, units: Mapping[str, int], reason: str,
     results = [keys.result(u, c) for u in order for c in range(units[u])]
     stored = cast(list[bytes | None], client.mget(results)) if results else []
     answered, at = set(), 0
+    extra: dict[str, list[str]] = {}  # unit -> the parts its manifests name
     for unit in order:
-        if all(v is not None for v in stored[at : at + units[unit]]):
+        mine = stored[at : at + units[unit]]
+        if all(v is not None for v in mine):
             answered.add(unit)
+        extra[unit] = [name for chunk, v in enumerate(mine) for name in _part_names(keys, unit, chunk, v)]
         at += units[unit]
     deleted = 0
     for start in range(0, len(order), _PAGE):
@@ -89,7 +106,7 @@ def _end(client: redis.Redis, keys: Keys, units: Mapping[str, int], reason: str,
             if unit not in answered:
                 # First: a worker that begins between the two commands must already see it.
                 pipe.set(keys.gone(unit), reason, ex=ttl_s)
-            pipe.delete(*job_keys(keys, unit, units[unit]))
+            pipe.delete(*job_keys(keys, unit, units[unit]), *extra[unit])
             pipe.zrem(keys.ledger(), *_task_ids(unit, units[unit]))
         replies = pipe.execute()
         i = 0

@@ -41,7 +41,7 @@ USER, USER_PASSWORD = "hetbatch", "hb-s3cret"
 # dead-letter list send; found with INFO commandstats over the whole test flow.
 ACL_COMMANDS = (
     "auth", "hello", "ping", "select", "echo", "quit", "reset", "client|setname", "client|id", "time",
-    "get", "set", "del", "exists", "expire", "pexpire", "mget", "incr", "incrby",
+    "get", "set", "del", "exists", "expire", "pexpire", "mget", "incr", "incrby", "rename",
     "hget", "hset", "hsetnx", "hdel", "hgetall", "hkeys", "hvals", "hmget", "hincrby", "hincrbyfloat",
     "lpush", "rpush", "lpop", "blpop", "brpop", "blmpop", "llen", "lrange", "lrem", "sadd", "srem", "smembers",
     "zadd", "zrem", "zrange", "zrangebyscore", "multi", "exec", "discard", "watch", "unwatch",
