@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 
 from hetbatch.producers.client import Client
 from hetbatch.producers.jobs import FINISHED, Job, outputs, refuse_deleted
+from hetbatch.producers.protocol.connect import async_connect
 from hetbatch.producers.protocol.ledger import Attempt
 from hetbatch.producers.protocol.registry import Spec
 from hetbatch.producers.protocol.retention import PurgeReport
@@ -107,19 +108,19 @@ class AsyncClient:
         self.settings = self._sync.settings
         self.keys = self._sync.keys
         self.registry = self._sync.registry
-        pool = aioredis.BlockingConnectionPool.from_url(
+        self._redis = async_connect(
             self.settings.redis_url,
             max_connections=self.settings.async_max_connections,
-            timeout=self.settings.pool_timeout_s,
+            timeout_s=self.settings.pool_timeout_s,
         )
-        self._redis = aioredis.Redis(connection_pool=pool)
         self._reply_key = self._sync.replies.reply_key
         self._listener: asyncio.Task[None] | None = None
         self._stopping = False
 
     @classmethod
     def from_url(cls, url: str, **settings: Any) -> AsyncClient:
-        """A client for the Redis at ``url`` (password, ACL user and ``rediss://`` work)."""
+        """A client for the Redis at ``url`` (password, ACL user, ``rediss://`` and
+        ``sentinel://``, ``producers.protocol.sentinel``, work)."""
         return cls(ClientSettings.from_env(redis_url=url, **settings))
 
     async def __aenter__(self) -> AsyncClient:

@@ -33,7 +33,7 @@ from hetbatch.producers.protocol.retention import PurgeReport, purge_model
 from hetbatch.producers.protocol.schema import CastRule, arrays_to_table, to_arrays, to_table
 from hetbatch.producers.protocol.transport import Placed, Transport
 from hetbatch.producers.protocol.wire import Item, TaskEnvelope, encode_table
-from hetbatch.producers.publisher import Batch, Publisher, make_producer_app, priority_level, safe_url
+from hetbatch.producers.publisher import Publisher, make_producer_app, priority_level, safe_url
 from hetbatch.producers.replies import Inbox, Replies
 from hetbatch.producers.routing import Router
 from hetbatch.producers.settings import ClientSettings
@@ -73,7 +73,7 @@ class Client:
         )
         self.publisher = Publisher(
             self.redis, self.keys, self.ledger, self.transport, retries=s.publish_retries, input_ttl_s=s.input_ttl_s,
-            result_ttl_s=s.result_ttl_s,
+            result_ttl_s=s.result_ttl_s, trace_submits=s.tracing,
         )  # fmt: skip
         self.router = Router(self.redis, self.keys, shm_dir=s.shm_dir, ttl_s=s.registry_ttl_s)
         self._reply_key = self.keys.reply(self.id)
@@ -165,43 +165,43 @@ class Client:
         bounds = self._bounds(spec, table, chunk_rows, chunk_bytes)
         job = Job(self.replies, uuid.uuid4().hex, spec.ref, len(bounds), table.num_rows)
         deadline = time.time() + deadline_s if deadline_s is not None else None
-        batch = Batch()
-        self.publisher.record(batch, job.id, job.model, job.chunks, job.rows)
-        if isinstance(spec, EnsembleSpec):  # members' tasks on their own queues; workers fuse
+        with self.publisher.submitting({"hetbatch.model": spec.ref, "hetbatch.job": job.id}) as batch:
+            self.publisher.record(batch, job.id, job.model, job.chunks, job.rows)
+            if isinstance(spec, EnsembleSpec):  # members' tasks on their own queues; workers fuse
+                self.replies.track(job.id, job.chunks)
+                try:
+                    parts = [table.slice(start, rows) for start, rows in bounds]
+                    self.publisher.ensemble(batch, spec, job.id, parts, self.spec, self._reply_key, deadline, level)
+                except Exception:
+                    self.replies.untrack(job.id)
+                    raise
+                return job
+            queue = self._route(spec)
+            # A big job goes through shared memory while a worker on this host takes it.
+            host = self.router.host_queue(queue) if table.nbytes >= self.settings.shm_min_bytes else None
             self.replies.track(job.id, job.chunks)
+            lane = job.chunks == 1 and level == LANE_PRIORITY and 0 < job.rows <= self.settings.lane_max_rows
+            lane = lane and host is None and self.router.lane_drained(queue)
+            buffered = 0
             try:
-                parts = [table.slice(start, rows) for start, rows in bounds]
-                self.publisher.ensemble(batch, spec, job.id, parts, self.spec, self._reply_key, deadline, level)
+                for chunk, (start, rows) in enumerate(bounds):
+                    part = table.slice(start, rows)
+                    blob = encode_table(part)
+                    payload = self.transport.place(blob, job.id, chunk, batch, to_shm=host is not None)
+                    if payload.payload_shm is None:  # through Redis after all: the folder is full
+                        host = None
+                    env = self._envelope(spec, [Item(job.id, chunk, part.num_rows)], payload, deadline)
+                    self.publisher.enqueue(batch, host or queue, env, level, lane=lane)
+                    buffered += len(blob)
+                    if buffered >= _FLUSH_BYTES:  # let workers start on early chunks of a big job
+                        self.publisher.send(batch)
+                        buffered = 0
+                self.publisher.send(batch)
             except Exception:
                 self.replies.untrack(job.id)
+                self.transport.drop(self.redis, [], self.transport.inputs((job.id, c) for c in range(len(bounds)))[1])
                 raise
             return job
-        queue = self._route(spec)
-        # A big job goes through shared memory while a worker on this host takes it.
-        host = self.router.host_queue(queue) if table.nbytes >= self.settings.shm_min_bytes else None
-        self.replies.track(job.id, job.chunks)
-        lane = job.chunks == 1 and level == LANE_PRIORITY and 0 < job.rows <= self.settings.lane_max_rows
-        lane = lane and host is None and self.router.lane_drained(queue)
-        buffered = 0
-        try:
-            for chunk, (start, rows) in enumerate(bounds):
-                part = table.slice(start, rows)
-                blob = encode_table(part)
-                payload = self.transport.place(blob, job.id, chunk, batch, to_shm=host is not None)
-                if payload.payload_shm is None:  # through Redis after all: the folder is full
-                    host = None
-                env = self._envelope(spec, [Item(job.id, chunk, part.num_rows)], payload, deadline)
-                self.publisher.enqueue(batch, host or queue, env, level, lane=lane)
-                buffered += len(blob)
-                if buffered >= _FLUSH_BYTES:  # let workers start on early chunks of a big job
-                    self.publisher.send(batch)
-                    buffered = 0
-            self.publisher.send(batch)
-        except Exception:
-            self.replies.untrack(job.id)
-            self.transport.drop(self.redis, [], self.transport.inputs((job.id, c) for c in range(len(bounds)))[1])
-            raise
-        return job
 
     def submit_many(
         self,
@@ -242,58 +242,58 @@ class Client:
         out_row = spec.output_bytes
         pack: list[dict[str, np.ndarray]] = []
         sizes: list[int] = []
-        batch = Batch()
-        packs: list[str] = []
-        current = Pack(uuid.uuid4().hex)
-        rows_now = bytes_now = 0
-
-        def flush() -> None:
-            nonlocal current, rows_now, bytes_now
-            if not sizes:
-                return
-            pack_id = current.id
-            names = list(pack[0])
-            merged = {n: np.concatenate([p[n] for p in pack]) if len(pack) > 1 else pack[0][n] for n in names}
-            blob = encode_table(arrays_to_table(merged))
-            items = [Item(f"{pack_id}-{i}", 0, rows) for i, rows in enumerate(sizes)]
-            self.publisher.record(batch, pack_id, spec.ref, 1, rows_now, sizes)
-            payload = self.transport.place(blob, pack_id, 0, batch)
-            self.publisher.enqueue(batch, queue, self._envelope(spec, items, payload, deadline, pack_id), level)
-            packs.append(pack_id)
-            pack.clear()
-            sizes.clear()
-            rows_now = bytes_now = 0
+        with self.publisher.submitting({"hetbatch.model": spec.ref}) as batch:
+            packs: list[str] = []
             current = Pack(uuid.uuid4().hex)
+            rows_now = bytes_now = 0
 
-        try:
-            for position, data in enumerate(datas):
-                try:
-                    arrays = to_arrays(data, spec.inputs, cast=cast)
-                except SchemaMismatch as exc:
-                    raise SchemaMismatch(f"job #{position} of submit_many: {exc}") from exc
-                rows = len(next(iter(arrays.values())))
-                if rows == 0:
-                    raise SchemaMismatch(f"job #{position} of submit_many has no rows; nothing to predict")
-                size = max(arrays_bytes(arrays), rows * out_row)
-                if size > self.settings.chunk_bytes:
-                    alone.append((position, arrays))
-                    jobs.append(None)
-                    continue
-                if rows_now + rows > limit or bytes_now + size > _PACK_BYTES:
-                    flush()
+            def flush() -> None:
+                nonlocal current, rows_now, bytes_now
                 if not sizes:
-                    self.replies.track(current.id, 1)
-                jobs.append(Job(self.replies, f"{current.id}-{len(sizes)}", spec.ref, 1, rows, current, len(sizes)))
-                pack.append(arrays)
-                sizes.append(rows)
-                rows_now += rows
-                bytes_now += size
-            flush()
-            self.publisher.send(batch)
-        except Exception:
-            for pack_id in {*packs, current.id}:
-                self.replies.untrack(pack_id)
-            raise
+                    return
+                pack_id = current.id
+                names = list(pack[0])
+                merged = {n: np.concatenate([p[n] for p in pack]) if len(pack) > 1 else pack[0][n] for n in names}
+                blob = encode_table(arrays_to_table(merged))
+                items = [Item(f"{pack_id}-{i}", 0, rows) for i, rows in enumerate(sizes)]
+                self.publisher.record(batch, pack_id, spec.ref, 1, rows_now, sizes)
+                payload = self.transport.place(blob, pack_id, 0, batch)
+                self.publisher.enqueue(batch, queue, self._envelope(spec, items, payload, deadline, pack_id), level)
+                packs.append(pack_id)
+                pack.clear()
+                sizes.clear()
+                rows_now = bytes_now = 0
+                current = Pack(uuid.uuid4().hex)
+
+            try:
+                for position, data in enumerate(datas):
+                    try:
+                        arrays = to_arrays(data, spec.inputs, cast=cast)
+                    except SchemaMismatch as exc:
+                        raise SchemaMismatch(f"job #{position} of submit_many: {exc}") from exc
+                    rows = len(next(iter(arrays.values())))
+                    if rows == 0:
+                        raise SchemaMismatch(f"job #{position} of submit_many has no rows; nothing to predict")
+                    size = max(arrays_bytes(arrays), rows * out_row)
+                    if size > self.settings.chunk_bytes:
+                        alone.append((position, arrays))
+                        jobs.append(None)
+                        continue
+                    if rows_now + rows > limit or bytes_now + size > _PACK_BYTES:
+                        flush()
+                    if not sizes:
+                        self.replies.track(current.id, 1)
+                    jobs.append(Job(self.replies, f"{current.id}-{len(sizes)}", spec.ref, 1, rows, current, len(sizes)))
+                    pack.append(arrays)
+                    sizes.append(rows)
+                    rows_now += rows
+                    bytes_now += size
+                flush()
+                self.publisher.send(batch)
+            except Exception:
+                for pack_id in {*packs, current.id}:
+                    self.replies.untrack(pack_id)
+                raise
         for position, arrays in alone:
             jobs[position] = self.submit(model, arrays, cast="no", priority=priority, deadline_s=deadline_s)
         return [job for job in jobs if job is not None]

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -31,6 +33,7 @@ import redis
 from celery import Celery
 
 from hetbatch.producers.errors import BrokerError
+from hetbatch.producers.protocol import tracing
 from hetbatch.producers.protocol.ensemble import EnsembleSpec, plan_stage
 from hetbatch.producers.protocol.keys import Keys, lane_list
 from hetbatch.producers.protocol.kombu import TRANSPORT_OPTIONS, celery_message, priority_list
@@ -79,9 +82,14 @@ def safe_url(client: redis.Redis) -> str:
 
 class Batch:
     """The Redis commands of one publishing round trip, recorded so that every try can
-    send them anew. Has the few command methods publishing uses (those of a pipeline)."""
+    send them anew. Has the few command methods publishing uses (those of a pipeline).
 
-    def __init__(self) -> None:
+    Args:
+        trace: the ``traceparent`` every envelope enqueued in it carries (``Publisher.submitting``).
+    """
+
+    def __init__(self, trace: str | None = None) -> None:
+        self.trace = trace
         self.calls: list[_Call] = []
         self.envelopes: list[TaskEnvelope] = []
         # A key only this batch's transaction writes: its existence says it committed.
@@ -134,6 +142,8 @@ class Publisher:
         retries: tries of one round trip before ``BrokerError``.
         input_ttl_s: seconds a ledger entry (like a payload) waits for a worker.
         result_ttl_s: seconds a job's record is kept.
+        trace_submits: turn tracing on for this process (``ClientSettings.tracing``); a
+            publisher without it does not turn it off for the others.
     """
 
     def __init__(
@@ -146,7 +156,10 @@ class Publisher:
         retries: int,
         input_ttl_s: int,
         result_ttl_s: int,
+        trace_submits: bool = False,
     ) -> None:
+        if trace_submits:
+            tracing.configure(True)
         self._client = client
         self._keys = keys
         self._ledger = ledger
@@ -165,8 +178,17 @@ class Publisher:
         # execute_command skips redis-py's per-call argument wrappers.
         batch.execute_command("SET", self._keys.job(unit), json.dumps(meta), "EX", self._result_ttl_s)
 
+    @contextmanager
+    def submitting(self, attributes: dict[str, str | int]) -> Iterator[Batch]:
+        """A ``Batch`` for one submit, inside its ``hetbatch.submit`` span (tracing on): every
+        envelope enqueued in it carries the span's ``traceparent``, for the worker's links."""
+        with tracing.submit_span("hetbatch.submit", attributes) as trace:
+            yield Batch(trace)
+
     def enqueue(self, batch: Batch, queue: str, env: TaskEnvelope, level: int, *, lane: bool = False) -> None:
         """The task's ledger entry, then its message (or, on the lane, its bare envelope)."""
+        if batch.trace is not None and env.trace is None:
+            env = replace(env, trace=batch.trace)
         body = env.to_dict()
         # Recorded in the same transaction as the message: a message lost later (a worker
         # killed holding it) is published again from the ledger.

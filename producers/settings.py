@@ -80,6 +80,10 @@ class ClientSettings:
     shm_min_bytes: int = 1 << 20
     """Smallest job (bytes of its input rows in memory) sent through shared memory."""
 
+    tracing: bool = False
+    """Record a ``hetbatch.submit`` span per submit and send its context with the job
+    (OpenTelemetry, ``producers.protocol.tracing``; needs the ``otel`` extra). Off: no cost."""
+
     @classmethod
     def from_env(cls, **overrides: Any) -> ClientSettings:
         values = env_overrides(cls)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hetbatch.adapters.errors import DeviceFailed, PredictError, is_oom
+from hetbatch.producers.protocol import tracing
 
 __all__ = ["Arrays", "Arrivals", "BatchStats", "Batcher", "CallSize", "Request", "is_oom", "merge", "split"]
 
@@ -39,6 +40,7 @@ class Request:
     rows: int
     future: Future[Arrays] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
+    trace: str | None = None  # the job's traceparent: the model call's span links it
 
 
 @dataclass(frozen=True)
@@ -206,10 +208,11 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> Future[Arrays]:
+    def submit(self, inputs: Mapping[str, np.ndarray], rows: int, trace: str | None = None) -> Future[Arrays]:
+        """Queue ``rows`` rows for a model call; ``trace``: the job's ``traceparent``."""
         if rows > self.max_batch_rows and len(self._threads) > 1:
-            return self._submit_pieces(inputs, rows)
-        req = Request(inputs, rows)
+            return self._submit_pieces(inputs, rows, trace)
+        req = Request(inputs, rows, trace=trace)
         if self._idle() and self._busy.acquire(blocking=False):
             try:
                 if self._idle():
@@ -220,11 +223,11 @@ class Batcher:
         self._queue.put(req)
         return req.future
 
-    def _submit_pieces(self, inputs: Mapping[str, np.ndarray], rows: int) -> Future[Arrays]:
+    def _submit_pieces(self, inputs: Mapping[str, np.ndarray], rows: int, trace: str | None) -> Future[Arrays]:
         """Queue a big request in pieces of max_batch_rows, so every instance takes some."""
         step = self.max_batch_rows
         pieces = [
-            Request({n: a[start : start + step] for n, a in inputs.items()}, min(step, rows - start))
+            Request({n: a[start : start + step] for n, a in inputs.items()}, min(step, rows - start), trace=trace)
             for start in range(0, rows, step)
         ]
         whole: Future[Arrays] = Future()
@@ -317,7 +320,9 @@ class Batcher:
         self._tick(+1)
         try:
             merged, slices = merge(batch)
-            outputs = split(self._call(merged, slices[-1].stop), slices)
+            # One span per model call, linked to every job whose rows it merged.
+            with tracing.batch_span("hetbatch.predict", (r.trace for r in batch), {"hetbatch.requests": len(batch)}):
+                outputs = split(self._call(merged, slices[-1].stop), slices)
         except Exception as exc:
             self._tick(-1)
             if isinstance(exc, DeviceFailed) and self._on_fatal is not None:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import redis
 
 from hetbatch.producers.errors import ConfigError, JobExpired, JobLost, PayloadError, RemoteError
+from hetbatch.producers.protocol import parts, tracing
 from hetbatch.producers.protocol.ensemble import (
     Continuation,
     EnsembleSpec,
@@ -48,6 +49,7 @@ from hetbatch.producers.protocol.wire import (
     encode_error,
     encode_result,
 )
+from hetbatch.producers.steps import Mget, Step, join_steps, run
 from hetbatch.worker.fusion import MemberOutput, fuse
 from hetbatch.worker.hooks import Finished, Hook
 from hetbatch.worker.results import Outcome, library_error
@@ -112,7 +114,9 @@ class EnsembleRunner(Hook):
         for item in env.items:
             key = self._done_key(cont.job_id, cont.stage, cont.chunk)
             if self._done(keys=[key], args=[item.job_id, len(cont.slots), self._ttl_s * 1000]):
-                self._send(FUSE_TASK_NAME, FUSION_QUEUE, cont.to_dict(), cont.priority)
+                # The member's trace goes on: the fusion task's span links the job's submit.
+                body = replace(cont, trace=env.trace).to_dict() if env.trace else cont.to_dict()
+                self._send(FUSE_TASK_NAME, FUSION_QUEUE, body, cont.priority)
 
     # -- the fusion task -------------------------------------------------------------
 
@@ -123,6 +127,11 @@ class EnsembleRunner(Hook):
         except PayloadError as exc:
             log.error("dropped a fusion task: %s", exc)
             return {"error": str(exc)}
+        # Linked to the job's submit span (its trace came with the member's task).
+        with tracing.batch_span("hetbatch.fuse", (cont.trace,), {"hetbatch.ensemble": cont.ensemble}):
+            return self._fuse(cont)
+
+    def _fuse(self, cont: Continuation) -> dict[str, Any]:
         if self.redis.exists(self.keys.result(cont.job_id, cont.chunk)):
             return {"ensemble": cont.ensemble, "duplicate": 1}
         spec: EnsembleSpec | None = None
@@ -137,7 +146,8 @@ class EnsembleRunner(Hook):
         except Exception as exc:  # the members' outputs do not fit the strategy, or a stored value is not ours
             error = RemoteError.from_exception(library_error(exc, ConfigError))
             outcome = Outcome(cont.job_id, cont.chunk, encode_error(error))
-        self.rt.writer.write([outcome], cont.reply_to)
+        with tracing.child_span("hetbatch.store", {"hetbatch.tasks": 1}):
+            self.rt.writer.write([outcome], cont.reply_to)
         self._cleanup(spec, cont)
         return {"ensemble": cont.ensemble, "chunk": cont.chunk, "failed": int(outcome.result[:1] == b"E")}
 
@@ -148,6 +158,20 @@ class EnsembleRunner(Hook):
             self._ensembles[ref] = spec
         return spec
 
+    def _whole(self, job_id: str, chunk: int, data: bytes | None) -> bytes | None:
+        """A member's stored result, read back whole when it is stored in parts."""
+        if not parts.is_manifest(data):
+            return data
+        assert data is not None
+        got = {chunk: data}
+
+        def mget(step: Step) -> Any:
+            assert isinstance(step, Mget)  # join_steps only reads
+            return self.redis.mget(step.keys)
+
+        run(join_steps(self.keys, job_id, job_id, got), mget)
+        return got[chunk]
+
     def _members(self, spec: EnsembleSpec, cont: Continuation) -> list[MemberOutput]:
         """The stage's member outputs; raises when too few succeeded.
 
@@ -157,6 +181,7 @@ class EnsembleRunner(Hook):
         """
         ids = [member_job_id(cont.job_id, cont.stage, slot) for slot in cont.slots]
         stored = cast(list[bytes | None], self.redis.mget([self.keys.result(i, cont.chunk) for i in ids]))
+        stored = [self._whole(i, cont.chunk, data) for i, data in zip(ids, stored, strict=True)]
         ok: list[MemberOutput] = []
         failed: list[tuple[str, RemoteError]] = []
         for slot, data in zip(cont.slots, stored):
@@ -248,7 +273,8 @@ class EnsembleRunner(Hook):
             pipe.set(key, blob, ex=self._ttl_s)
         pipe.execute()
         for queue, env in plan.tasks:
-            self._send(TASK_NAME, queue, env.to_dict(), cont.priority)
+            traced = replace(env, trace=cont.trace) if cont.trace else env
+            self._send(TASK_NAME, queue, traced.to_dict(), cont.priority)
         return {"ensemble": cont.ensemble, "chunk": cont.chunk, "stage": stage}
 
     def _cleanup(self, spec: EnsembleSpec | None, cont: Continuation) -> None:

@@ -26,6 +26,7 @@ import redis
 
 from hetbatch.adapters.errors import PredictError
 from hetbatch.producers.errors import HetbatchError, JobExpired, JobTimeout, PayloadError, RemoteError, SchemaMismatch
+from hetbatch.producers.protocol import tracing
 from hetbatch.producers.protocol.connect import connect
 from hetbatch.producers.protocol.keys import Keys
 from hetbatch.producers.protocol.ledger import Ledger, Start, Verdict, task_id_of
@@ -71,6 +72,7 @@ class _Calls:
     arrays: Mapping[str, np.ndarray] | None = None
     spec: ModelSpec | None = None
     model: LoadedModel | None = None
+    trace: str | None = None  # the task's traceparent, for the model call's links
 
 
 class Runtime:
@@ -83,6 +85,8 @@ class Runtime:
 
     def __init__(self, settings: WorkerSettings, hooks: Sequence[Hook] = ()) -> None:
         self.settings = settings
+        if settings.tracing:  # process-wide (``producers.protocol.tracing``)
+            tracing.configure(True)
         self.keys = Keys(settings.prefix)
         self.redis = connect(settings.redis_url)
         self.transport = Transport(self.keys, settings.shm_dir, settings.max_payload_bytes)
@@ -161,7 +165,10 @@ class Runtime:
         starts = self.ledger.begin_many(
             envs, worker=self.worker_id, ttl_s=self.settings.result_ttl_s, max_attempts=self.settings.max_attempts
         )
-        with self.budget.hold(sum(self._task_bytes(env) for env in envs)):
+        with (
+            self.budget.hold(sum(self._task_bytes(env) for env in envs)),
+            tracing.batch_span("hetbatch.batch", (env.trace for env in envs), {"hetbatch.tasks": len(envs)}),
+        ):
             later, failed = self._run_many(envs, starts)
         for env in later:  # attempted before: alone, after the innocent batch is stored
             with self._isolation:
@@ -219,7 +226,7 @@ class Runtime:
             log.error("dead-lettering %s: %s", env.describe(), reason)
             self.dead_letters.bury(env, start.attempts, reason)
             return {"model": env.model, "dead_lettered": len(todo)}
-        with self.budget.hold(self._task_bytes(env)):
+        with self.budget.hold(self._task_bytes(env)), tracing.batch_span("hetbatch.batch", (env.trace,)):
             done = self._run(env, todo)
             self._store([(env, done)])
         failed = sum(len(d.items) for d in done if d.error is not None)
@@ -233,7 +240,8 @@ class Runtime:
             (outcomes_of(env, done, self.settings.max_result_bytes), env.reply_to, task_id_of(env))
             for env, done in finished
         ]
-        stored = self.writer.write_many(writes)
+        with tracing.child_span("hetbatch.store", {"hetbatch.tasks": len(writes)}):
+            stored = self.writer.write_many(writes)
         duplicates = sum(len(outcomes) - n for (outcomes, _, _), n in zip(writes, stored, strict=True))
         if duplicates:  # another execution of the same items finished first
             self.ledger.count("duplicate_results", duplicates)
@@ -300,32 +308,28 @@ class Runtime:
                     runs.append([(offset, item)])
         finally:
             self.arrivals.leave(ref)
-        pending = [(run, self._submit(model.batcher, arrays, run)) for run in runs]
-        return _Calls(outcomes, pending, arrays, spec, model)
+        pending = [(run, self._submit(model.batcher, arrays, run, env.trace)) for run in runs]
+        return _Calls(outcomes, pending, arrays, spec, model, env.trace)
 
     def _collect(self, calls: _Calls) -> list[Done]:
         """Wait for the model requests ``_start`` made; every item's outcome."""
         outcomes = calls.outcomes
         for run, future in calls.pending:
-            assert calls.arrays is not None and calls.spec is not None and calls.model is not None
-            outcomes += self._finish(run, future, calls.arrays, calls.spec, calls.model)
+            outcomes += self._finish(run, future, calls)
         return outcomes
 
     @staticmethod
-    def _submit(batcher: Batcher, arrays: Mapping[str, np.ndarray], run: list[tuple[int, Item]]) -> Future[Arrays]:
+    def _submit(
+        batcher: Batcher, arrays: Mapping[str, np.ndarray], run: list[tuple[int, Item]], trace: str | None
+    ) -> Future[Arrays]:
         start, rows = run[0][0], sum(item.rows for _, item in run)
-        return batcher.submit({n: a[start : start + rows] for n, a in arrays.items()}, rows)
+        return batcher.submit({n: a[start : start + rows] for n, a in arrays.items()}, rows, trace)
 
-    def _finish(
-        self,
-        run: list[tuple[int, Item]],
-        future: Future[Arrays],
-        arrays: Mapping[str, np.ndarray],
-        spec: ModelSpec,
-        model: LoadedModel,
-    ) -> list[Done]:
+    def _finish(self, run: list[tuple[int, Item]], future: Future[Arrays], calls: _Calls) -> list[Done]:
         """Outcomes of one run of items; a failed run of several is retried item by item,
         so the batcher's bisection finds the one job that makes the model raise."""
+        arrays, spec, model = calls.arrays, calls.spec, calls.model
+        assert arrays is not None and spec is not None and model is not None
         try:
             outputs = future.result(timeout=self.settings.task_timeout_s)
         except FutureTimeout:
@@ -334,8 +338,8 @@ class Runtime:
         except Exception as exc:
             if len(run) == 1:
                 return [_error(run[0][0], run[0][1], exc, PredictError)]
-            singles = [([one], self._submit(model.batcher, arrays, [one])) for one in run]
-            return [o for single, fut in singles for o in self._finish(single, fut, arrays, spec, model)]
+            singles = [([one], self._submit(model.batcher, arrays, [one], calls.trace)) for one in run]
+            return [o for single, fut in singles for o in self._finish(single, fut, calls)]
         table = self._select(outputs, spec)
         # Which device ran it: a gpu model with fallback = "cpu" may have run on a cpu worker.
         table = table.replace_schema_metadata(

@@ -223,10 +223,13 @@ class Continuation:
     reply_to: str | None = None
     deadline: float | None = None
     priority: int = 5
+    trace: str | None = None  # the job's traceparent, set by the worker that hands on (tracing on)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["slots"] = list(self.slots)
+        if self.trace is None:
+            del out["trace"]
         return out
 
     @classmethod
@@ -255,6 +258,7 @@ class Continuation:
             reply_to=reply_to,
             deadline=f.number("deadline"),
             priority=f.count("priority", priority, 9),
+            trace=f.trace("trace"),
         )
         if len(set(cont.slots)) != len(cont.slots):
             f.fail("slots", "lists a slot twice")

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from hetbatch.producers.errors import PayloadError
 from hetbatch.producers.protocol.keys import is_reply
+from hetbatch.producers.protocol.tracing import is_traceparent
 
 __all__ = [
     "MAX_INLINE",
@@ -109,6 +110,13 @@ class Fields:
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
             self.fail(name, f"must be a finite number, not {_shown(value)}")
         return float(value)
+
+    def trace(self, name: str) -> str | None:
+        """An optional W3C ``traceparent`` (``producers.protocol.tracing.is_traceparent``)."""
+        value = self._get(name, False)
+        if value is not None and not is_traceparent(value):
+            self.fail(name, f"must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>), not {_shown(value)}")
+        return None if value is None else str(value)
 
     def obj(self, name: str) -> dict[str, Any] | None:
         """An optional JSON object of at most ``MAX_OBJECT`` bytes."""

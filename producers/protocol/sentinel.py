@@ -9,9 +9,10 @@ plus the master group's name as a query parameter)::
 that require a password of their own take ``sentinel_password=...`` in the query. The
 same string works as ``HETBATCH_REDIS_URL`` for producers, workers and every operator
 command: ``client`` turns it into a redis-py client bound to the current master
-(``Sentinel.master_for``), ``broker`` into kombu's URL and ``master_name`` transport
-option. Both re-ask the sentinels for the master whenever a connection is made, so after
-a failover the next reconnect reaches the new master without a restart.
+(``Sentinel.master_for``; ``async_client``: the ``redis.asyncio`` one, for ``AsyncClient``),
+``broker`` into kombu's URL and ``master_name`` transport option. All re-ask the
+sentinels for the master whenever a connection is made, so after a failover the next
+reconnect reaches the new master without a restart.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
+import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelPool
 from redis.sentinel import Sentinel
 
 from hetbatch.producers.errors import ConfigError
 
-__all__ = ["SCHEME", "SentinelUrl", "broker", "client", "is_sentinel"]
+__all__ = ["SCHEME", "SentinelUrl", "async_client", "broker", "client", "is_sentinel"]
 
 SCHEME = "sentinel"
 _QUERY_KEYS = {"master_name", "sentinel_password"}
@@ -66,10 +70,14 @@ class SentinelUrl:
             raise ConfigError("a sentinel:// URL needs ?master_name=<the group the sentinels monitor>")
         sentinels, db, user, password = [], 0, None, None
         for i, part in enumerate(p for p in base.split(";") if p.strip()):
-            parsed = urlsplit(part.strip())
-            if parsed.scheme != SCHEME or not parsed.hostname or not parsed.port:
+            try:  # urlsplit and .port raise ValueError on a bad IPv6 host or port
+                parsed = urlsplit(part.strip())
+                host, port = parsed.hostname, parsed.port
+            except ValueError as exc:
+                raise ConfigError(f"sentinel URL part {i + 1} is not sentinel://host:port ({exc})") from None
+            if parsed.scheme != SCHEME or not host or not port:
                 raise ConfigError(f"sentinel URL part {i + 1} is not sentinel://host:port")
-            sentinels.append((parsed.hostname, parsed.port))
+            sentinels.append((host, port))
             if i == 0:
                 user = unquote(parsed.username) if parsed.username else None
                 password = unquote(parsed.password) if parsed.password else None
@@ -110,6 +118,40 @@ def client(url: str, **kwargs: Any) -> redis.Redis:
         parsed.master_name, db=parsed.db, username=parsed.username, password=parsed.password, **kwargs
     )
     return cast(redis.Redis, master)
+
+
+class _BlockingSentinelPool(AsyncSentinelPool, aioredis.BlockingConnectionPool):
+    """A pool of connections to the current master that waits for a free connection when
+    all are busy (as ``AsyncClient``'s plain pool), and closes its sentinel connections
+    with its own (each ``async_client`` has a sentinel manager of its own)."""
+
+    async def disconnect(self, inhibit_read: bool = True) -> None:
+        await super().disconnect(inhibit_read)
+        for sentinel in self.sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
+def async_client(url: str, *, max_connections: int, timeout_s: float, **kwargs: Any) -> aioredis.Redis:
+    """``client`` for asyncio: a ``redis.asyncio`` client of the current master of ``url``'s
+    group, with at most ``max_connections`` connections; a call waits up to ``timeout_s``
+    for a free one. After a failover its next connection reaches the new master.
+
+    Raises:
+        ConfigError: ``url`` is not a valid sentinel URL.
+    """
+    parsed = SentinelUrl.parse(url)
+    manager = AsyncSentinel(list(parsed.sentinels), sentinel_kwargs=parsed.sentinel_kwargs())  # type: ignore[no-untyped-call]
+    master = manager.master_for(
+        parsed.master_name,
+        connection_pool_class=_BlockingSentinelPool,
+        db=parsed.db,
+        username=parsed.username,
+        password=parsed.password,
+        max_connections=max_connections,
+        timeout=timeout_s,
+        **kwargs,
+    )
+    return cast(aioredis.Redis, master)
 
 
 def broker(url: str) -> tuple[str, dict[str, Any]]:

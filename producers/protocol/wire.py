@@ -122,6 +122,8 @@ class TaskEnvelope:
     # Optional: the id of a pack of small jobs (``Client.submit_many``). The items' results
     # are then stored, announced and attempted together, as the one unit ``(pack, 0)``.
     pack: str | None = None
+    # Optional: the W3C traceparent of the submit span (``producers.protocol.tracing``).
+    trace: str | None = None
 
     @property
     def ref(self) -> str:
@@ -152,7 +154,7 @@ class TaskEnvelope:
             out["sizes"] = [i.rows for i in self.items]
         else:
             out["items"] = [[i.job_id, i.chunk, i.rows] for i in self.items]
-        for name in ("payload_key", "payload_b64", "payload_shm", "reply_to", "deadline", "then", "pack"):
+        for name in ("payload_key", "payload_b64", "payload_shm", "reply_to", "deadline", "then", "pack", "trace"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -199,6 +201,7 @@ class TaskEnvelope:
             deadline=f.number("deadline"),
             then=f.obj("then"),
             pack=pack,
+            trace=f.trace("trace"),
         )
 
     def inline_payload(self) -> bytes:
