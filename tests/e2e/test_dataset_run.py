@@ -202,7 +202,8 @@ def test_a_run_killed_at_six_points_and_resumed_equals_an_uninterrupted_run(
         log.unlink(missing_ok=True)
         delay = float(rng.uniform(0.05, 0.4)) if event == "random" else 0
         code, err = _run_driver(client.settings.redis_url, event, n, dict(options), log, kill_after_s=delay)
-        assert code == -signal.SIGKILL, err
+        # A kill from outside can come after the run ended (the parts left were few and fast).
+        assert code == -signal.SIGKILL or (event == "random" and code == 0), err
         events = [line.split(" ", 1) for line in log.read_text().splitlines()]
         begun = {p for e, p in events if e == "batch"}
         now_committed = {p for e, p in events if e == "committed"}

@@ -28,7 +28,7 @@ from hetbatch.producers.protocol.wire import TaskEnvelope
 from hetbatch.worker.devtools.redis_server import RedisServer
 from hetbatch.worker.ops.dlq import DeadLetters
 from tests.kit.faults import FaultyWorker
-from tests.kit.helpers import FAST_RECOVERY, ROOT, WorkerProcess, column, register
+from tests.kit.helpers import FAST_RECOVERY, ROOT, WorkerProcess, column, register, wait_until
 from tests.kit.models import Built, sklearn_model
 
 FAST = {**FAST_RECOVERY, "HETBATCH_CONCURRENCY": "4"}
@@ -62,14 +62,6 @@ def _cli(url: str, *args: str) -> str:
     return out.stdout
 
 
-def _wait_for(predicate: object, timeout_s: float = 120.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def test_attempts_are_recorded_per_job(private_redis: RedisServer, iris_dir: Path) -> None:
     built = _model(iris_dir, "att-iris")
     worker = WorkerProcess(private_redis.url, iris_dir, env=FAST)
@@ -98,7 +90,7 @@ def test_sigkilled_threads_worker_keeps_its_message_unacked_until_redelivered(
         with Client.from_url(private_redis.url) as client:
             register(client, built.directory)
             job = client.submit("slow-iris", built.X[:7])
-            _wait_for(lambda: len(job.attempts()) == 1, what="the first attempt")
+            wait_until(lambda: len(job.attempts()) == 1, "the first attempt", timeout_s=120)
             first.kill()
             unacked = client.redis.hvals("unacked")
             assert any(f"{job.id}.0" in json.loads(raw)[0]["headers"]["id"] for raw in unacked), "message was acked"
@@ -124,7 +116,7 @@ def test_killed_prefork_pool_child_is_redelivered_not_acked(private_redis: Redis
         with Client.from_url(private_redis.url) as client:
             register(client, built.directory)
             job = client.submit("slow-iris2", built.X[:5])
-            _wait_for(lambda: len(job.attempts()) == 1, what="the first attempt")
+            wait_until(lambda: len(job.attempts()) == 1, "the first attempt", timeout_s=120)
             child_pid = int(job.attempts()[0].worker.rsplit(":", 1)[1])
             assert child_pid in [c.pid for c in psutil.Process(worker.proc.pid).children()]
             os.kill(child_pid, signal.SIGKILL)

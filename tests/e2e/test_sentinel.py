@@ -28,7 +28,7 @@ from hetbatch.producers.errors import ConfigError, HetbatchError
 from hetbatch.producers.protocol.connect import connect
 from hetbatch.producers.protocol.sentinel import SentinelUrl, broker
 from hetbatch.worker.devtools.redis_server import RedisServer, free_port
-from tests.kit.helpers import FAST_RECOVERY, WorkerProcess, column, register
+from tests.kit.helpers import FAST_RECOVERY, WorkerProcess, column, register, wait_until
 from tests.kit.models import Built, sklearn_model
 
 SENTINEL = shutil.which("redis-sentinel")
@@ -76,14 +76,6 @@ class Sentinels:
             proc.terminate()
             proc.wait(timeout=10)
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def wait_until(check: object, what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s} s")
-        time.sleep(0.1)
 
 
 @pytest.fixture()

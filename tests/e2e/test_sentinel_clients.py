@@ -27,8 +27,8 @@ from hetbatch.producers.protocol.keys import Keys
 from hetbatch.worker.cli import main
 from hetbatch.worker.devtools.redis_server import RedisServer
 from hetbatch.worker.ops.dlq import DeadLetters
-from tests.e2e.test_sentinel import MASTER, Sentinels, needs_sentinel, wait_until
-from tests.kit.helpers import FAST_RECOVERY, WorkerProcess, column, register
+from tests.e2e.test_sentinel import MASTER, Sentinels, needs_sentinel
+from tests.kit.helpers import FAST_RECOVERY, WorkerProcess, column, register, wait_until
 from tests.kit.models import Built, sklearn_model
 
 pytestmark = needs_sentinel

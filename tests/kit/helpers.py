@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,15 @@ class WorkerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._fh.close()
+
+
+def wait_until(check: Callable[[], object], what: str, timeout_s: float = 30.0) -> None:
+    """Poll ``check`` every 0.1 s until it is true; AssertionError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        time.sleep(0.1)
 
 
 def register(client: Client, directory: Path) -> str:
