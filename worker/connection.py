@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -24,14 +23,32 @@ log = logging.getLogger(__name__)
 
 
 def redacted(url: str) -> str:
-    """``url`` with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """``url`` with every password replaced by ``***``: the one in each ``;``-separated part
+    (a ``sentinel://`` URL, ``producers.protocol.sentinel``) and ``password`` or
+    ``sentinel_password`` in the query. Plain string work: a URL too broken to parse (it is
+    being reported as wrong) is hidden all the same, never raised on."""
+    base, sep, query = url.partition("?")
+    hidden = ";".join(_hide_login(part) for part in base.split(";"))
+    if query:
+        query = "&".join(_hide_param(pair) for pair in query.split("&"))
+    return hidden + sep + query
+
+
+_SECRET_PARAMS = frozenset({"password", "sentinel_password"})
+
+
+def _hide_login(part: str) -> str:
+    scheme, sep, rest = part.partition("://")
+    login, at, where = rest.rpartition("@")  # the last @: a password may hold an unescaped / or @
+    user, colon, _ = login.partition(":")
+    if not (sep and at and colon):  # no password in it
+        return part
+    return f"{scheme}://{user}:***@{where}"
+
+
+def _hide_param(pair: str) -> str:
+    name, eq, _ = pair.partition("=")
+    return f"{name}=***" if eq and name in _SECRET_PARAMS else pair
 
 
 def broker_error(exc: redis.RedisError, url: str) -> BrokerError:

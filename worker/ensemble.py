@@ -33,6 +33,7 @@ from hetbatch.producers.protocol.ensemble import (
     MemberFailed,
     member_job_id,
     plan_stage,
+    refused_job,
     route_rows,
     stage_input_key,
 )
@@ -110,6 +111,7 @@ class EnsembleRunner(Hook):
             cont = Continuation.from_dict(env.then)
         except PayloadError as exc:
             log.error("member task %s carries a bad continuation: %s", env.describe(), exc)
+            self._refuse(env.then, exc)
             return
         for item in env.items:
             key = self._done_key(cont.job_id, cont.stage, cont.chunk)
@@ -126,10 +128,19 @@ class EnsembleRunner(Hook):
             cont = Continuation.from_dict(body)
         except PayloadError as exc:
             log.error("dropped a fusion task: %s", exc)
+            self._refuse(body, exc)
             return {"error": str(exc)}
         # Linked to the job's submit span (its trace came with the member's task).
         with tracing.batch_span("hetbatch.fuse", (cont.trace,), {"hetbatch.ensemble": cont.ensemble}):
             return self._fuse(cont)
+
+    def _refuse(self, data: Any, exc: PayloadError) -> None:
+        """Store a refused continuation's error as the result of the ensemble job chunk it
+        still names (``refused_job``): its producer gets a typed error, not a wait in vain."""
+        named = refused_job(data)
+        if named is not None:
+            job_id, chunk, reply_to = named
+            self.rt.writer.write([Outcome(job_id, chunk, encode_error(RemoteError.from_exception(exc)))], reply_to)
 
     def _fuse(self, cont: Continuation) -> dict[str, Any]:
         if self.redis.exists(self.keys.result(cont.job_id, cont.chunk)):

@@ -27,6 +27,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
+from hetbatch.producers.protocol import tracing
 from hetbatch.worker.app import make_app
 from hetbatch.worker.connection import check_redis
 from hetbatch.worker.ensemble import EnsembleRunner
@@ -88,8 +89,13 @@ class WorkerProcess:
         Raises:
             BrokerError: Redis refused the login ``redis_login_tries`` times (unless
                 ``wait_for_redis``), or refused a command.
+            ConfigError: tracing is on and OpenTelemetry does not import.
         """
         s = self.settings
+        if s.tracing:
+            # The runtime turns tracing on in Celery's worker_ready, whose errors are only
+            # logged: the worker would consume anyway and fail every task. Fail here, once.
+            tracing.configure(True)
         # Celery would retry a refused login forever, a traceback each time: say it once and exit.
         check_redis(s.redis_url, tries=s.redis_login_tries, wait=s.wait_for_redis)
         # Before Celery connects its consumer: until worker_main runs, no message is

@@ -119,6 +119,10 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.pool not in ("cpu", "gpu"):
             raise ValueError(f"pool must be 'cpu' or 'gpu', not {self.pool!r}")
+        if self.max_result_bytes < 1:  # 0 divided every result into parts of 0 bytes: each store raised
+            raise ValueError(
+                f"max_result_bytes must be at least 1 (the size of a result's parts), not {self.max_result_bytes}"
+            )
         if self.lease_interval_s * 2 > self.visibility_timeout_s:
             raise ValueError(
                 f"lease_interval_s={self.lease_interval_s} must be under half of "

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from hetbatch.producers.errors import ConfigError, HetbatchError, PayloadError, RemoteError
-from hetbatch.producers.protocol.fields import Fields
+from hetbatch.producers.protocol.fields import MAX_TEXT, Fields
 from hetbatch.producers.protocol.keys import Keys, is_reply
 from hetbatch.producers.protocol.model import ModelSpec, parse_ref
 from hetbatch.producers.protocol.schema import TensorSpec, table_to_arrays, to_table
@@ -49,6 +49,7 @@ __all__ = [
     "StagePlan",
     "member_job_id",
     "plan_stage",
+    "refused_job",
     "route_rows",
     "stage_input_key",
 ]
@@ -263,6 +264,21 @@ class Continuation:
         if len(set(cont.slots)) != len(cont.slots):
             f.fail("slots", "lists a slot twice")
         return cont
+
+
+def refused_job(data: Any) -> tuple[str, int, str | None] | None:
+    """The ensemble job chunk and reply list a continuation ``Continuation.from_dict``
+    refused still names, each only when it passes its own check; None when no job can be
+    named. Storing the refusal as that chunk's result answers its producer (no hang)."""
+    if not isinstance(data, Mapping):
+        return None
+    f = Fields(data)
+    try:
+        job_id, chunk = f.ident("job_id"), f.count("chunk", data.get("chunk"))
+    except PayloadError:
+        return None
+    reply = data.get("reply_to")
+    return job_id, chunk, reply if isinstance(reply, str) and len(reply) <= MAX_TEXT and is_reply(reply) else None
 
 
 def member_job_id(job_id: str, stage: int, slot: int) -> str:

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from hetbatch.producers.errors import ConfigError
+
 __all__ = ["batch_span", "child_span", "configure", "enabled", "is_traceparent", "submit_span"]
 
 TRACER = "hetbatch"
@@ -31,12 +33,17 @@ def configure(on: bool) -> None:
     """Turn tracing on or off for this process.
 
     Raises:
-        ImportError: ``on`` without the ``otel`` extra (``pip install 'hetbatch[otel]'``).
+        ConfigError: ``on`` without the ``otel`` extra (``pip install 'hetbatch[otel]'``).
     """
     global _on
     if on:
-        import opentelemetry.trace  # noqa: F401 - fail at start, not at the first job
-
+        try:
+            import opentelemetry.trace  # noqa: F401 - fail at start, not at the first job
+        except ImportError as exc:  # typed: a CLI prints it as one line, a service can catch it
+            raise ConfigError(
+                f"tracing is on (HETBATCH_TRACING or tracing=True) but OpenTelemetry does not import ({exc}); "
+                "pip install 'hetbatch[otel]', or turn tracing off"
+            ) from exc
     _on = on
 
 

@@ -38,7 +38,7 @@ from tests.kit.hostile_files import key_traps, shm_traps
 __all__ = ["Entry", "Hostile", "Scene"]
 
 FIELDS = ("v", "model", "version", "items", "sizes", "payload_key", "payload_b64", "payload_shm")
-FIELDS += ("reply_to", "deadline", "then", "pack")
+FIELDS += ("reply_to", "deadline", "then", "pack", "trace")
 # Wrong types for any field; "huge" values are added per field (a few, they are big).
 WRONG = (None, 0, -1, 1.5, True, False, "", "x", [], {}, [1], {"a": 1}, 2**70, -(2**63), "NaN", [[]])
 BUILTIN_TASKS = ("celery.chord_unlock", "celery.group", "celery.chain", "celery.map", "celery.starmap")

@@ -36,7 +36,7 @@ from hetbatch.producers.protocol.keys import Keys, lane_list
 from hetbatch.producers.protocol.kombu import queue_reads, read_task_ids
 from hetbatch.producers.protocol.ledger import task_id_of
 from hetbatch.producers.protocol.scripts import script
-from hetbatch.producers.protocol.wire import TASK_NAME, TaskEnvelope
+from hetbatch.producers.protocol.wire import TASK_NAME, TaskEnvelope, answerable
 from hetbatch.worker.ops.dlq import DeadLetters
 
 __all__ = ["LeaderLock", "Reconciler", "Republisher", "SweepReport", "run"]
@@ -154,7 +154,7 @@ class Reconciler:
         for task_id, (env_raw, queue, attempts) in zip(ids, pipe.execute(), strict=True):
             try:
                 body = json.loads(env_raw)
-                entries[task_id] = (TaskEnvelope.from_dict(body), body, queue.decode(), int(attempts or 0))
+                entries[task_id] = (_envelope(body), body, queue.decode(), int(attempts or 0))
             except (TypeError, ValueError, AttributeError, RecursionError, PayloadError):
                 gone.append(task_id)  # the ledger record expired or is unreadable: nothing to redo
         report.checked = len(ids)
@@ -241,6 +241,23 @@ class Reconciler:
         found = read_task_ids(results[:split])
         found.update(_lane_id(raw) for chunk in results[split:] for raw in chunk)
         return found
+
+
+def _envelope(body: Any) -> TaskEnvelope:
+    """The envelope of a ledger body. A body the worker refuses (a field it does not accept)
+    but whose jobs it can name stands for those jobs (``wire.answerable``): published again,
+    it is answered with the worker's refusal, never forgotten unanswered.
+
+    Raises:
+        PayloadError: the body names no job.
+    """
+    try:
+        return TaskEnvelope.from_dict(body)
+    except PayloadError:
+        answer = answerable(body)
+        if answer is None:
+            raise
+        return answer
 
 
 def _lane_id(raw: bytes) -> str:
