@@ -6,7 +6,8 @@ worker process, TorchScript models with random weights).
 (b) a 2-layer transformer encoder (width 128) over token sequences of lengths 8-256:
     hetbatch (length-aware batching, 64 rows per call) vs in-process padding each
     64-row batch to its longest row, and vs padding every row to 256;
-(c) an embedding model, 768 floats out per row.
+(c) an embedding model, 768 floats out per row (inputs and results through shared-memory
+    files when the worker shares ``/dev/shm``, as here: ``Transport.place_result``).
 
 Medians and ranges of ``--repeats`` runs; ratios are of the medians. Writes
 ``.bench/rowsize.json``.

@@ -103,16 +103,22 @@ class JobHandle(Protocol):
 
     def delete(self, job: Job) -> int: ...
 
+    def read_files(self, job: Job, payloads: Mapping[int, bytes]) -> dict[int, bytes]:
+        """``payloads`` with file references replaced by their shared-memory files' bytes."""
+        ...
+
 
 def outputs(job: Job, payloads: Mapping[int, bytes] | None) -> pa.Table:
-    """``job``'s outputs from its unit's stored results (``None``: its pack is read already).
+    """``job``'s outputs from its unit's stored results (``None``: its pack is read already);
+    results in shared-memory files are read (once: each file is deleted when read).
 
     Raises:
         JobFailed, JobExpired, JobLost: as ``Job.result``.
+        PayloadError: a result file is not what its reference says.
     """
     if job.pack is None:
         assert payloads is not None
-        return assemble(job.id, job.chunks, payloads)
+        return assemble(job.id, job.chunks, job.replies.read_files(job, payloads))
     return job.pack.table(job.id, job.index, None if payloads is None else payloads.get(0))
 
 
@@ -163,8 +169,10 @@ class Job:
             JobFailed: a worker reported an error for a chunk (first failing chunk).
             JobExpired: the deadline passed before it ran.
             JobDeleted: the job was deleted or purged.
-            JobLost: the job's record or result vanished from Redis: no worker will answer.
+            JobLost: the job's record or result vanished from Redis: no worker will answer;
+                or its result was in a shared-memory file that is gone (each is read once).
             JobTimeout: not finished within ``timeout_s``.
+            PayloadError: its result file in shared memory is not what was stored.
         """
         refuse_deleted(self)
         loaded = self.pack is not None and self.pack.loaded

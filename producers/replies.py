@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, cast
 
 import redis
@@ -295,6 +295,10 @@ class Replies:
 
     def attempts(self, job: Job) -> list[Attempt]:
         return self.ledger.attempts(job.unit)
+
+    def read_files(self, job: Job, payloads: Mapping[int, bytes]) -> dict[int, bytes]:
+        """``payloads`` with file references replaced by their files' bytes (``Transport.read_results``)."""
+        return self.transport.read_results(job.id, job.unit, payloads)
 
     def delete(self, job: Job) -> int:
         """Drop ``job``'s unit: record, inputs (keys and this host's files), results."""

@@ -1,6 +1,8 @@
 """Idempotent result writes: the first result stored for a job chunk wins, and only
 that write announces itself on the producer's reply list. A result over
-``max_result_bytes`` is stored in parts under a manifest (``producers.protocol.parts``)."""
+``max_result_bytes`` is stored in parts under a manifest (``producers.protocol.parts``).
+A big result of a chunk whose input came in a shared-memory file goes back in a file of
+the same folder, under a file reference (``Transport.place_result``)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ import redis
 from hetbatch.adapters.errors import AdapterError
 from hetbatch.producers.errors import HetbatchError, PayloadError, RemoteError
 from hetbatch.producers.protocol import parts as result_parts
+from hetbatch.producers.protocol import shm
 from hetbatch.producers.protocol.keys import Keys
 from hetbatch.producers.protocol.scripts import script
+from hetbatch.producers.protocol.transport import Transport
 from hetbatch.producers.protocol.wire import (
     Item,
     Notice,
@@ -38,18 +42,22 @@ _STAGE_TTL_MS = 3_600_000  # renamed in the same round trip; only a dead write l
 
 @dataclass(frozen=True)
 class Outcome:
-    """The encoded result of one job chunk: the result itself, or the manifest of ``parts``."""
+    """The encoded result of one job chunk: the result itself, or the manifest of ``parts``.
+    ``whole``: the encoded result, when it may go to a shared-memory file instead."""
 
     job_id: str
     chunk: int
     result: bytes | memoryview
     parts: tuple[memoryview, ...] = ()
+    whole: bytes | memoryview | None = None
 
 
-def _outcome(job_id: str, chunk: int, data: bytes | memoryview, max_bytes: int) -> Outcome:
-    """``data`` as stored: whole, or over ``max_bytes`` as a manifest and its parts."""
+def _outcome(job_id: str, chunk: int, data: bytes | memoryview, max_bytes: int, to_file: bool = False) -> Outcome:
+    """``data`` as stored: whole, or over ``max_bytes`` as a manifest and its parts (and,
+    ``to_file``, kept whole for a shared-memory file)."""
+    whole = data if to_file else None
     if len(data) <= max_bytes:
-        return Outcome(job_id, chunk, data)
+        return Outcome(job_id, chunk, data, whole=whole)
     part_bytes = min(max_bytes, result_parts.MAX_PART_BYTES)
     if -(-len(data) // part_bytes) > result_parts.MAX_PARTS:  # a reader would refuse the manifest
         error = PayloadError(
@@ -58,7 +66,7 @@ def _outcome(job_id: str, chunk: int, data: bytes | memoryview, max_bytes: int) 
         )
         return Outcome(job_id, chunk, encode_error(RemoteError.from_exception(error)))
     manifest, parts = result_parts.split(data, part_bytes)
-    return Outcome(job_id, chunk, manifest, tuple(parts))
+    return Outcome(job_id, chunk, manifest, tuple(parts), whole)
 
 
 @dataclass
@@ -90,7 +98,9 @@ def library_error(exc: BaseException, fallback: type[Exception] = PayloadError) 
 
 def outcomes_of(env: TaskEnvelope, done: Sequence[Done], max_bytes: int) -> list[Outcome]:
     """What to store for ``done``: one result per item, or for a pack, the pack's one result;
-    one over ``max_bytes`` goes in parts of at most ``max_bytes``."""
+    one over ``max_bytes`` goes in parts of at most ``max_bytes``. A job's result (not a
+    pack's, whose status reads its header, nor an ensemble member's, which fusion reads)
+    may go to a shared-memory file when its input came in one."""
     ordered = sorted(done, key=lambda d: d.offset)
     if env.pack is not None:
         # The header follows the envelope's item order (an empty item shares its offset with
@@ -112,8 +122,9 @@ def outcomes_of(env: TaskEnvelope, done: Sequence[Done], max_bytes: int) -> list
         for item in d.items:
             slices.append((start, item.rows))
             start += item.rows
+        to_file = env.payload_shm is not None and env.then is None
         for item, data in zip(d.items, encode_results(d.table, slices), strict=True):
-            out.append(_outcome(item.job_id, item.chunk, data, max_bytes))
+            out.append(_outcome(item.job_id, item.chunk, data, max_bytes, to_file))
     return out
 
 
@@ -125,10 +136,14 @@ class ResultWriter:
         keys: the deployment's key names.
         ttl_s: how long stored results (and reply lists) live.
         inline_bytes: results up to this size also ride in the reply notice.
+        transport: writes results to shared-memory files (``Outcome.whole``); none: never.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, ttl_s: int, inline_bytes: int) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, *, ttl_s: int, inline_bytes: int, transport: Transport | None = None
+    ) -> None:
         self._client = client
+        self._transport = transport
         self._script = script(client, "results_store")
         self._keys = keys
         self._ttl_ms = ttl_s * 1000
@@ -148,7 +163,46 @@ class ResultWriter:
     def write_many(self, writes: Sequence[tuple[Sequence[Outcome], str | None, str | None]]) -> list[int]:
         """``write`` for several tasks' ``(outcomes, reply_to, finished)`` in one round trip
         (with the staging SETs of their big values, ``STAGE_BYTES``)."""
-        calls = [self._call(*w) for w in writes]
+        placed = [self._to_files(outcomes) for outcomes, _, _ in writes]
+        calls = [
+            self._call(outcomes, reply_to, finished)
+            for (outcomes, _), (_, reply_to, finished) in zip(placed, writes, strict=True)
+        ]
+        # A write that fails leaves its files: the script may have run before the reply
+        # was lost, so a reference may name them (the sweep takes them otherwise).
+        done = self._run(calls)
+        for (_, files), stored in zip(placed, done, strict=True):
+            # Not stored (another execution's result was, or the job is gone): no reader
+            # will come. Of a task stored in part, which file is whose is not known: the sweep takes them.
+            if stored == 0:
+                self._drop(files)
+        return done
+
+    def _drop(self, files: list[str]) -> None:
+        if files and self._transport is not None:
+            self._transport.drop(self._client, [], files)
+
+    def _to_files(self, outcomes: Sequence[Outcome]) -> tuple[list[Outcome], list[str]]:
+        """``outcomes`` with each that may go to a file written there (a file reference in
+        its place), and the names of the files written."""
+        if self._transport is None or not any(out.whole is not None for out in outcomes):
+            return list(outcomes), []
+        out, files = [], []
+        for outcome in outcomes:
+            ref = None
+            if outcome.whole is not None:
+                ref = self._transport.place_result(outcome.whole, outcome.job_id, outcome.chunk)
+            if ref is None:
+                out.append(outcome)
+                continue
+            out.append(Outcome(outcome.job_id, outcome.chunk, ref))
+            files.append(str(shm.result_name(outcome.job_id, outcome.chunk)))
+        return out, files
+
+    def _run(
+        self,
+        calls: Sequence[tuple[list[str], list[bytes | memoryview | str | int], list[tuple[str, bytes | memoryview]]]],
+    ) -> list[int]:
         if len(calls) == 1 and not calls[0][2]:  # a pipeline would add a SCRIPT EXISTS round trip
             keys, args, _ = calls[0]
             return [int(self._script(keys=keys, args=args))]

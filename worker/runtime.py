@@ -96,7 +96,11 @@ class Runtime:
         self.budget = ByteBudget(settings.max_inflight_bytes)
         self.models = ModelCache(self.registry, settings, on_batch=self._record_batch, arrivals=self.arrivals)
         self.writer = ResultWriter(
-            self.redis, self.keys, ttl_s=settings.result_ttl_s, inline_bytes=settings.notice_inline_bytes
+            self.redis,
+            self.keys,
+            ttl_s=settings.result_ttl_s,
+            inline_bytes=settings.notice_inline_bytes,
+            transport=self.transport,
         )
         self.hooks: list[Hook] = list(hooks)
         self.ledger = Ledger(self.redis, self.keys)

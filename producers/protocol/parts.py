@@ -10,6 +10,10 @@ A client reads the parts in order, checks each against the manifest, and joins t
 into the one result the worker encoded (``wire.decode_result`` reads it as usual).
 Nothing here trusts the manifest: a part missing, of another size than listed, or a
 manifest over the bounds below raises a typed error naming the job.
+
+A result in a shared-memory file (``shm.result_name``: the chunk's input came that way)
+is stored as a *file reference* instead: tag ``F`` and ``{"bytes": size}``. The size is
+the length check a reader holds the file to; the name is derived from the job, never read.
 """
 
 from __future__ import annotations
@@ -22,14 +26,19 @@ from hetbatch.producers.errors import JobFailed, JobLost, RemoteError
 from hetbatch.producers.protocol.keys import Keys
 
 __all__ = [
+    "FILE_TAG",
+    "MAX_FILE_BYTES",
     "MAX_PARTS",
     "MAX_PART_BYTES",
     "READ_BYTES",
     "TAG",
+    "file_ref",
     "groups",
+    "is_file_ref",
     "is_manifest",
     "join",
     "part_keys",
+    "read_file_ref",
     "read_manifest",
     "split",
 ]
@@ -42,6 +51,10 @@ MAX_PARTS = 65_536
 READ_BYTES = 256 * 1024 * 1024
 """Most part bytes a reader asks for in one command."""
 _MAX_MANIFEST_BYTES = 1 << 20
+FILE_TAG = b"F"
+MAX_FILE_BYTES = MAX_PARTS * 1024 * 1024
+"""Largest result file a reference may name (as much as a manifest of 1 MiB parts)."""
+_MAX_REF_BYTES = 64
 
 
 def split(data: bytes | memoryview, part_bytes: int) -> tuple[bytes, list[memoryview]]:
@@ -121,3 +134,33 @@ def join(job_id: str, chunk: int, sizes: Sequence[int], parts: Sequence[bytes | 
     if parts and is_manifest(parts[0]):  # a manifest of manifests would be read again and again
         raise _corrupt(job_id, chunk, "lists parts that hold another manifest")
     return b"".join(cast(Sequence[bytes], parts))  # one copy, into the buffer the result is read from
+
+
+def file_ref(size: int) -> bytes:
+    """What is stored under a chunk's result key when its ``size`` result bytes are in its file."""
+    return FILE_TAG + json.dumps({"bytes": size}).encode()
+
+
+def is_file_ref(value: bytes | memoryview | None) -> bool:
+    """Whether a stored result is a reference to a shared-memory result file."""
+    return value is not None and value[:1] == FILE_TAG
+
+
+def read_file_ref(job_id: str, chunk: int, value: bytes | memoryview) -> int:
+    """The size a file reference holds its file to, checked against the bounds.
+
+    Raises:
+        JobFailed: the reference is corrupt or over the bounds (remote type PayloadError).
+    """
+    problem = f"is not a file reference ({len(value)} bytes)"
+    if is_file_ref(value) and len(value) <= _MAX_REF_BYTES:
+        try:
+            ref = json.loads(bytes(value[1:]))
+        except (ValueError, RecursionError):
+            ref = None
+        size = ref.get("bytes") if isinstance(ref, dict) else None
+        # bool is an int subclass: true would read as a 1-byte file
+        if type(size) is int and 0 < size <= MAX_FILE_BYTES:
+            return size
+        problem = f"is not a file reference of 1..{MAX_FILE_BYTES} bytes: {bytes(value[:_MAX_REF_BYTES])!r}"
+    raise JobFailed(job_id, RemoteError("PayloadError", f"chunk {chunk}: stored result {problem}"))

@@ -17,12 +17,18 @@ reconciler) treats the host queue as any other queue.
 Files are read, not mapped: a file cut short by someone else fails its job with a clear
 error instead of a SIGBUS. The worker deletes a chunk's file when it stores the
 chunk's result, and sweeps files older than their TTL.
+
+Results go back the same way: a worker that read a chunk's input from a file writes a
+big result to ``result_name(job, chunk)`` in the same folder (``worker.results``) and
+stores a reference to it under the result key (``parts.file_ref``); the client reads the
+file once and deletes it. A result file nobody reads is swept like an input file.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import io
 import os
 import re
 import secrets
@@ -32,13 +38,27 @@ from pathlib import Path
 
 from hetbatch.producers.errors import JobLost, PayloadError
 
-__all__ = ["HOST_SEP", "host_queue", "host_token", "payload_name", "read_payload", "sweep", "unlink", "write_payload"]
+__all__ = [
+    "HOST_SEP",
+    "host_queue",
+    "host_token",
+    "payload_name",
+    "read_payload",
+    "read_result",
+    "result_name",
+    "sweep",
+    "unlink",
+    "write_payload",
+]
 
 HOST_SEP = "@"
 _TOKEN_FILE = "hetbatch-host"
 _TOKEN = re.compile(r"[0-9a-f]{32}")
 _PREFIX = "hetbatch-in-"
-_NAME = re.compile(_PREFIX + r"[0-9a-f]{32}-\d{1,9}")
+_OUT_PREFIX = "hetbatch-out-"
+# Inputs and results: the only names this module reads, deletes or sweeps.
+_NAME = re.compile(r"hetbatch-(?:in|out)-[0-9a-f]{32}-\d{1,9}")
+_INPUT = re.compile(_PREFIX + r"[0-9a-f]{32}-\d{1,9}")
 
 
 def host_queue(queue: str, token: str) -> str:
@@ -84,55 +104,104 @@ def payload_name(job_id: str, chunk: int) -> str:
     return f"{_PREFIX}{job_id}-{chunk}"
 
 
-def write_payload(folder: str, name: str, blob: bytes | memoryview) -> None:
+def result_name(job_id: str, chunk: int) -> str | None:
+    """The file a result of ``(job_id, chunk)`` goes to; ``None`` for an id that cannot
+    name one (not a client's 32 hex digits: an ensemble member's, say)."""
+    name = f"{_OUT_PREFIX}{job_id}-{chunk}"
+    return name if _NAME.fullmatch(name) else None
+
+
+def write_payload(folder: str, name: str, blob: bytes | memoryview, *, exclusive: bool = False) -> None:
     """Write a chunk's bytes (readable by this user only).
 
+    Args:
+        exclusive: fail if the file exists (a result file another execution wrote, which
+            a client may be reading) instead of replacing it.
+
     Raises:
-        OSError: it cannot, or it would leave less than a quarter of the folder free
-            (a tmpfs is memory: others on the host need it too).
+        OSError: it cannot (``FileExistsError``: ``exclusive`` and the file exists), or it
+            would leave less than a quarter of the folder free (a tmpfs is memory: others
+            on the host need it too).
     """
     fs = os.statvfs(folder)
     if (fs.f_bavail * fs.f_frsize - len(blob)) * 4 < fs.f_blocks * fs.f_frsize:
         raise OSError(errno.ENOSPC, f"{folder} would be more than three quarters full")
-    fd = os.open(Path(folder) / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb", buffering=0) as f:
-        view = memoryview(blob)
-        while view:
-            view = view[f.write(view) or 0 :]
+    how = os.O_EXCL if exclusive else os.O_TRUNC
+    fd = os.open(Path(folder) / name, os.O_WRONLY | os.O_CREAT | how | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            view = memoryview(blob).cast("B")
+            while view:
+                view = view[f.write(view) or 0 :]
+    except OSError:
+        unlink(folder, [name])  # ours, cut short (the folder filled up): never read
+        raise
 
 
 def read_payload(folder: str, name: str, job_id: str, max_bytes: int) -> bytes:
-    """The bytes of a chunk's file.
+    """The bytes of a chunk's input file.
 
     Raises:
         PayloadError: a name that is not a payload file's, not a regular file (a FIFO,
             device or directory), or a file too big to decode.
         JobLost: the file is gone (its TTL passed, or the host restarted).
     """
-    if not _NAME.fullmatch(name):
+    if not _INPUT.fullmatch(name):
         raise PayloadError(f"job {job_id}: {name!r} is not a shared-memory payload name")
     if not folder:
         raise PayloadError(f"job {job_id}: its input is in shared memory, and this worker has none (shm_dir is empty)")
+    return _read(folder, name, job_id, max_bytes, "input", "(TTL passed or the host restarted)")
+
+
+def read_result(folder: str, job_id: str, unit: str, chunk: int, size: int) -> bytes:
+    """The ``size`` bytes of the result file of ``(unit, chunk)`` (``unit``: ``job_id`` or
+    its pack's), deleted once read: a result file is read once.
+
+    Raises:
+        PayloadError: the file is not a regular file, or not of ``size`` bytes; this side
+            has no folder, or ``unit`` cannot name a result file.
+        JobLost: the file is gone (read already, swept, on another host, or the host restarted).
+    """
+    name = result_name(unit, chunk)
+    if name is None:
+        raise PayloadError(f"job {job_id}: {unit!r} cannot name a shared-memory result file")
+    if not folder:
+        raise PayloadError(f"job {job_id}: its result is in shared memory, and this client has none (shm_dir is empty)")
+    gone = "(read already, swept after its TTL, written on another host, or the host restarted)"
+    data = _read(folder, name, job_id, size, "result", gone)  # a longer file is refused before reading
+    if len(data) != size:
+        raise PayloadError(f"job {job_id}: result {name} in {folder} has {len(data)} bytes, not the {size} stored")
+    unlink(folder, [name])
+    return data
+
+
+def _open(folder: str, name: str, job_id: str, max_bytes: int, what: str, gone: str) -> tuple[io.FileIO, int]:
+    """The file, opened to read, and its size (at most ``max_bytes``)."""
     try:
         # O_NONBLOCK: opening a FIFO put there by someone else must not block the task
         # thread; O_NOFOLLOW: a symlink is refused, not followed.
         fd = os.open(Path(folder) / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise JobLost(job_id, f"input {name} is gone from {folder} (TTL passed or the host restarted)") from None
+        raise JobLost(job_id, f"{what} {name} is gone from {folder} {gone}") from None
     except OSError as exc:
-        raise PayloadError(f"job {job_id}: cannot open its input {name} in {folder}: {exc}") from exc
-    info = os.fstat(fd)  # before fdopen, which raises IsADirectoryError on a directory
+        raise PayloadError(f"job {job_id}: cannot open its {what} {name} in {folder}: {exc}") from exc
+    info = os.fstat(fd)  # before FileIO, which raises IsADirectoryError on a directory
     if not stat.S_ISREG(info.st_mode):  # a FIFO, device or directory: never read
         os.close(fd)
-        raise PayloadError(f"job {job_id}: input {name} in {folder} is not a regular file; refused")
-    with os.fdopen(fd, "rb", buffering=0) as f:
-        if info.st_size > max_bytes:
-            raise PayloadError(f"job {job_id}: input {name} has {info.st_size} bytes, over the limit of {max_bytes}")
+        raise PayloadError(f"job {job_id}: {what} {name} in {folder} is not a regular file; refused")
+    if info.st_size > max_bytes:
+        os.close(fd)
+        raise PayloadError(f"job {job_id}: {what} {name} has {info.st_size} bytes, over the limit of {max_bytes}")
+    return io.FileIO(fd, "rb"), info.st_size
+
+
+def _read(folder: str, name: str, job_id: str, max_bytes: int, what: str, gone: str) -> bytes:
+    f, size = _open(folder, name, job_id, max_bytes, what, gone)
+    with f:
         try:
-            data = f.read(info.st_size)
+            return f.read(size) or b""
         except OSError as exc:
-            raise PayloadError(f"job {job_id}: cannot read its input {name} in {folder}: {exc}") from exc
-        return data if data is not None else b""
+            raise PayloadError(f"job {job_id}: cannot read its {what} {name} in {folder}: {exc}") from exc
 
 
 def unlink(folder: str, names: list[str]) -> None:
@@ -147,7 +216,7 @@ def unlink(folder: str, names: list[str]) -> None:
 
 
 def sweep(folder: str, ttl_s: float) -> int:
-    """Delete payload files older than ``ttl_s``; returns how many."""
+    """Delete payload and result files older than ``ttl_s``; returns how many."""
     removed, cutoff = 0, time.time() - ttl_s
     try:
         entries = list(os.scandir(folder))

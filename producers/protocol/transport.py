@@ -12,6 +12,12 @@ A chunk's Arrow IPC bytes take one of three ways (``TaskEnvelope`` names which):
 On the way out ``Transport.place`` chooses; on the way in ``Transport.read`` reads;
 once the result is stored, or the job is deleted or purged, ``Transport.drop`` deletes.
 
+Results take the way back: a big result of a chunk whose input came in a file goes to
+``shm.result_name(job, chunk)`` in the same folder (``Transport.place_result``, on the
+worker) under a reference (``parts.file_ref``), and the client reads it once and deletes
+it (``Transport.read_results``). A deleted or purged job's result files go with its
+input files (``Transport.inputs`` names both).
+
 Names are derived, never trusted: the key or file an envelope names must equal the one
 derived from the job id of its first unit (and this side's prefix and folder), or the
 envelope is refused with ``PayloadError`` before anything is read; deletion uses the
@@ -26,14 +32,14 @@ from __future__ import annotations
 import base64
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 
 from hetbatch.producers.errors import JobLost, PayloadError, PayloadTooLarge
-from hetbatch.producers.protocol import shm
+from hetbatch.producers.protocol import parts, shm
 from hetbatch.producers.protocol.ensemble import member_job_id, stage_input_key
 from hetbatch.producers.protocol.keys import Keys
 from hetbatch.producers.protocol.wire import Item, TaskEnvelope
@@ -92,6 +98,8 @@ class Transport:
         max_bytes: largest payload accepted, in bytes (sent or read).
         inline_max_bytes: payloads up to this many bytes ride inside the message.
         ttl_s: how long, in seconds, a payload waits in Redis or shared memory.
+        result_file_min_bytes: a result this big, of a chunk whose input came in a file,
+            goes back in a file too (``place_result``).
     """
 
     keys: Keys
@@ -99,6 +107,8 @@ class Transport:
     max_bytes: int = 256 * 1024 * 1024
     inline_max_bytes: int = 8_192
     ttl_s: int = 86_400
+    # Below a MiB the two Redis copies cost less than the file's open, write and unlink.
+    result_file_min_bytes: int = 1 << 20
 
     # -- out -------------------------------------------------------------------
 
@@ -212,9 +222,12 @@ class Transport:
     # -- delete ----------------------------------------------------------------
 
     def inputs(self, units: Iterable[tuple[str, int]]) -> tuple[list[str], list[str]]:
-        """The Redis keys and shared-memory file names ``(unit, chunk)`` inputs can have."""
+        """The Redis keys ``(unit, chunk)`` inputs can have, and the shared-memory files
+        their inputs and results can have."""
         pairs = list(units)
-        return [self.keys.input(u, c) for u, c in pairs], [shm.payload_name(u, c) for u, c in pairs]
+        files = [shm.payload_name(u, c) for u, c in pairs]
+        files += [name for u, c in pairs if (name := shm.result_name(u, c)) is not None]
+        return [self.keys.input(u, c) for u, c in pairs], files
 
     def consumed(self, envs: Sequence[TaskEnvelope]) -> tuple[list[str], list[str]]:
         """What to delete once ``envs`` have their results stored: the derived key or file
@@ -240,3 +253,38 @@ class Transport:
             deleted = got if isinstance(got, int) else 0
         shm.unlink(self.shm_dir, list(files))
         return deleted
+
+    # -- results ---------------------------------------------------------------
+
+    def place_result(self, blob: bytes | memoryview, unit: str, chunk: int) -> bytes | None:
+        """Write ``blob``, the encoded result of ``(unit, chunk)`` whose input came in a file,
+        to its result file; returns the reference to store under its result key, or
+        ``None``: store ``blob`` itself (too small, no folder, a unit that names no file,
+        the folder full, or the file there already: another execution's, maybe being read).
+        """
+        name = shm.result_name(unit, chunk)
+        if not self.shm_dir or name is None or len(blob) < self.result_file_min_bytes:
+            return None
+        try:
+            shm.write_payload(self.shm_dir, name, blob, exclusive=True)
+        except FileExistsError:
+            return None
+        except OSError as exc:  # write_payload deleted what it wrote of it
+            log.warning("%s not written (%s); the result goes through Redis", name, exc)
+            return None
+        return parts.file_ref(len(blob))
+
+    def read_results(self, job_id: str, unit: str, payloads: Mapping[int, bytes]) -> dict[int, bytes]:
+        """``payloads`` (chunk -> stored result of ``unit``, the job's id or its pack's) with
+        each file reference replaced by its file's bytes, the file deleted; errors name ``job_id``.
+
+        Raises:
+            JobLost: a file is gone (read already, swept, or on another host).
+            PayloadError: a file is not a regular file, or not of the size stored.
+            JobFailed: a reference is corrupt (remote type PayloadError).
+        """
+        out: dict[int, bytes] = dict(payloads)
+        for chunk in sorted(c for c, v in payloads.items() if parts.is_file_ref(v)):
+            size = parts.read_file_ref(job_id, chunk, payloads[chunk])
+            out[chunk] = shm.read_result(self.shm_dir, job_id, unit, chunk, size)
+        return out
