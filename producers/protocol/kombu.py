@@ -291,6 +291,13 @@ def _reused_client(self: Any, asynchronous: bool = False) -> Any:
     # some two hundred response callbacks, and a profile of a worker under many small
     # tasks found 15% of its samples there. A redis-py client holds no connection of its
     # own and is thread-safe, so one per connection pool is reused.
+    if (self._async_pool if asynchronous else self._pool) is None and self.connection.client is None:
+        # Celery 5.7 closes a lost connection twice (collect(), then close()); the second
+        # close retries restoring unacked messages on a transport kombu has detached, and
+        # building a pool there raised AttributeError: "Unrecoverable error", a worker that
+        # never consumed again. A connection error lets the close finish and the consumer
+        # reconnect; the messages come back after the visibility timeout.
+        raise redis.ConnectionError("the broker connection is closed")
     if asynchronous:
         return _create_client(self, asynchronous)
     client = self.__dict__.get("_hetbatch_client")
