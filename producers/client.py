@@ -73,7 +73,7 @@ class Client:
         )
         self.publisher = Publisher(
             self.redis, self.keys, self.ledger, self.transport, retries=s.publish_retries, input_ttl_s=s.input_ttl_s,
-            result_ttl_s=s.result_ttl_s, trace_submits=s.tracing,
+            result_ttl_s=s.result_ttl_s, trace_submits=s.tracing, replicas=(s.wait_replicas, s.wait_timeout_ms),
         )  # fmt: skip
         self.router = Router(self.redis, self.keys, shm_dir=s.shm_dir, ttl_s=s.registry_ttl_s)
         self._reply_key = self.keys.reply(self.id)

@@ -144,6 +144,8 @@ class Publisher:
         result_ttl_s: seconds a job's record is kept.
         trace_submits: turn tracing on for this process (``ClientSettings.tracing``); a
             publisher without it does not turn it off for the others.
+        replicas: (replicas, timeout in ms) that must acknowledge each round trip
+            (``WAIT``) before ``send`` returns; (0, _) does not wait.
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class Publisher:
         input_ttl_s: int,
         result_ttl_s: int,
         trace_submits: bool = False,
+        replicas: tuple[int, int] = (0, 0),
     ) -> None:
         if trace_submits:
             tracing.configure(True)
@@ -167,6 +170,7 @@ class Publisher:
         self._retries = max(1, retries)
         self._input_ttl_s = input_ttl_s
         self._result_ttl_s = result_ttl_s
+        self._replicas = replicas
 
     def record(
         self, batch: Batch, unit: str, model: str, chunks: int, rows: int, pack: list[int] | None = None
@@ -253,13 +257,23 @@ class Publisher:
         if not batch.calls:
             return
         unknown = False
+        waits = self._replicas[0] > 0
         for attempt in range(self._retries):
             try:
-                if unknown and batch.probe is not None and self._client.exists(batch.probe):
+                # Waiting for replicas, a committed try is sent again instead (idempotent): WAIT
+                # counts only the writes of its own connection.
+                if unknown and not waits and batch.probe is not None and self._client.exists(batch.probe):
                     break  # the try before committed: its connection broke after EXEC ran
-                pipe = self._client.pipeline(transaction=True)
+                pipe = _Replicated(self._client, self._replicas) if waits else self._client.pipeline(transaction=True)
                 batch.replay(pipe)
                 pipe.execute()
+                if isinstance(pipe, _Replicated) and pipe.acked < self._replicas[0]:
+                    batch.clear()
+                    raise BrokerError(
+                        f"{pipe.acked} of {self._replicas[0]} replicas of {safe_url(self._client)} confirmed the "
+                        f"submit within {self._replicas[1]} ms (wait_replicas): the master may still run it, but "
+                        "loses it if it fails first; check the replicas (INFO replication), then submit again"
+                    )
                 break
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 unknown = True
@@ -276,3 +290,20 @@ class Publisher:
                 batch.clear()
                 raise BrokerError(f"Redis at {safe_url(self._client)} refused the submit: {exc}") from exc
         batch.clear()
+
+
+class _Replicated(redis.client.Pipeline):
+    """A MULTI/EXEC pipeline followed by ``WAIT replicas timeout`` on the same connection
+    (``WAIT`` counts the writes of its own connection; inside MULTI it would not block).
+    ``acked`` is how many replicas confirmed the transaction."""
+
+    def __init__(self, client: redis.Redis, replicas: tuple[int, int]) -> None:
+        super().__init__(client.connection_pool, client.response_callbacks, True, None)
+        self._wait = replicas
+        self.acked = 0
+
+    def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: bool) -> list[Any]:
+        replies: list[Any] = super()._execute_transaction(connection, commands, raise_on_error)
+        connection.send_command("WAIT", *self._wait)
+        self.acked = int(connection.read_response())
+        return replies

@@ -60,6 +60,12 @@ class ClientSettings:
     """How long a resolved ``name`` -> version is cached on the client."""
     publish_retries: int = 5
     """Attempts to publish a task before raising BrokerError."""
+    wait_replicas: int = 0
+    """Replicas that must hold a submit before it returns (Redis ``WAIT`` after its
+    transaction): with 1 and a Sentinel replica, an accepted job survives the loss of the
+    master. 0 returns once the master has it (replication is asynchronous)."""
+    wait_timeout_ms: int = 5_000
+    """How long a submit waits for ``wait_replicas`` before raising BrokerError."""
     lane_max_rows: int = 0
     """Single-chunk, normal-priority jobs of up to this many rows go on the queue's lane
     (``producers.protocol.kombu.lane_list``) instead of one Celery message each: workers take
