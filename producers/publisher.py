@@ -75,8 +75,12 @@ def make_producer_app(url: str) -> Celery:
 
 
 def safe_url(client: redis.Redis) -> str:
-    """``host:port/db`` of ``client``, without credentials (for error messages)."""
+    """``host:port/db`` of ``client`` (``sentinel:group/db`` for a Sentinel-managed one),
+    without credentials (for error messages)."""
     kw = client.connection_pool.connection_kwargs
+    group = getattr(client.connection_pool, "service_name", None)  # redis-py's SentinelConnectionPool
+    if group is not None:
+        return f"sentinel:{group}/{kw.get('db', 0)}"
     return f"{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
 
 

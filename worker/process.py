@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ from hetbatch.worker.watchdog import Watchdog
 __all__ = ["WorkerProcess"]
 
 log = logging.getLogger(__name__)
+STARTUP_FAILED_EXIT = 4
+"""Exit status of a worker whose runtime could not be built (after Celery connected)."""
 
 
 class _Parts:
@@ -184,7 +187,14 @@ class WorkerProcess:
             return
         # Build the runtime now rather than at the first task, so the heartbeat and the
         # metrics endpoint are up while the queues are still empty.
-        parts = self.parts()
+        try:
+            parts = self.parts()
+        except Exception as exc:
+            # Celery only logs a receiver's error: the worker would go on consuming and fail
+            # every task. Exit instead; its prefetched messages come back to the queue.
+            log.critical("worker cannot start: %s: %s; fix it, then start the worker again", type(exc).__name__, exc)
+            logging.shutdown()
+            os._exit(STARTUP_FAILED_EXIT)
         runtime = parts.runtime
         lanes = drains_lane(self.settings, getattr(sender, "pool", None))
         self._hostname = str(sender.hostname)

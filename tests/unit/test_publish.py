@@ -32,3 +32,11 @@ def test_the_frame_has_every_field_kombu_writes(redis_url: str) -> None:
 def test_priorities_map_to_kombus_lists() -> None:
     assert priority_list("onnx.cpu", 0) == "onnx.cpu"
     assert priority_list("onnx.cpu", 9) == "onnx.cpu:9"
+
+
+def test_error_messages_name_the_redis_without_credentials_also_through_sentinel() -> None:
+    from hetbatch.producers.protocol.connect import connect
+    from hetbatch.producers.publisher import safe_url
+
+    assert safe_url(connect("redis://user:s3cret@h:7/3")) == "h:7/3"
+    assert safe_url(connect("sentinel://:s3cret@127.0.0.1:1/2?master_name=grp")) == "sentinel:grp/2"
