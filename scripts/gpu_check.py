@@ -3,7 +3,7 @@
 
 One command, a few minutes on one GPU (see docs/gpu.md)::
 
-    python scripts/gpu_check.py [--out gpu_check.json] [--rows 131072]
+    python -m scripts.gpu_check [--out gpu_check.json] [--rows 131072]   # from the repository root
 
 It starts a private redis-server, a ``hetbatch worker --pool gpu --gpus 0`` and a
 ``hetbatch worker --pool cpu`` process, registers an MLP as TorchScript and as ONNX on
@@ -41,10 +41,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 OOM_WIDTH = 256  # features of the OOM model's input
 OOM_FANOUT = 16_384  # the OOM model materializes (rows, OOM_WIDTH, OOM_FANOUT) float32: 16 MiB a row

@@ -188,14 +188,14 @@ def _no_cuda() -> None:
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: run scripts/gpu_check.py itself")
+        pytest.skip("this machine has CUDA: run python -m scripts.gpu_check itself")
 
 
 def test_the_gpu_check_script_says_there_is_no_cuda_and_exits_2(tmp_path: Path) -> None:
     _no_cuda()
     out = tmp_path / "check.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--out", str(out)],
+        [sys.executable, "-m", "scripts.gpu_check", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -212,7 +212,7 @@ def test_the_gpu_check_script_runs_its_plumbing_on_the_cpu(tmp_path: Path) -> No
     out = tmp_path / "check.json"
     argv = ["--cpu-dry-run", "--rows", "2048", "--hidden", "64", "--out", str(out)]
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), *argv],
+        [sys.executable, "-m", "scripts.gpu_check", *argv],
         capture_output=True,
         text=True,
         timeout=300,
