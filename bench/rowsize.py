@@ -246,17 +246,21 @@ def bench_embeddings(
     emb = torch.jit.load(str(out_dir / "m-emb" / "model.pt"))
     E = rng.standard_normal((args.embeddings, 64), dtype=np.float32)
 
-    def emb_inproc() -> None:
+    def emb_inproc() -> np.ndarray:
         with torch.inference_mode():
-            np.concatenate([emb(torch.from_numpy(E[s : s + 8192])).numpy() for s in range(0, len(E), 8192)])
+            return np.concatenate([emb(torch.from_numpy(E[s : s + 8192])).numpy() for s in range(0, len(E), 8192)])
 
     c_in = summary(len(E), timed(emb_inproc, args.repeats))
     c_hb = summary(len(E), timed(lambda: client.predict("bench-embed", {"x": E}, timeout_s=900), args.repeats))
+    # The results must be the in-process ones, bit for bit (files read back, not re-encoded).
+    got = client.predict("bench-embed", {"x": E}, timeout_s=900).column(0).combine_chunks()
+    same = got.flatten().to_numpy().reshape(len(E), -1).view(np.uint32)
     results["c_embeddings"] = {
         "rows": len(E),
         "out_MB": round(len(E) * 768 * 4 / 1e6),
         "in_process": c_in,
         "hetbatch": c_hb,
+        "bitwise_equal": bool(np.array_equal(same, emb_inproc().view(np.uint32))),
     }
 
 

@@ -148,8 +148,12 @@ def listen_steps(inbox: Inbox, reply_key: str, stopping: Callable[[], bool]) -> 
             yield Wait(None, 1.0)
 
 
-def collect_steps(inbox: Inbox, keys: Keys, job: Job, timeout_s: float | None) -> Steps[dict[int, bytes]]:
+def collect_steps(
+    inbox: Inbox, keys: Keys, job: Job, timeout_s: float | None, on_stored: Callable[[int, bytes], None] | None = None
+) -> Steps[dict[int, bytes]]:
     """Wait for every chunk of ``job``'s unit (the job, or its pack); its stored result bytes.
+    ``on_stored`` is handed each chunk's stored value as soon as it is known (``Replies`` reads
+    a result file then, while the worker still runs the other chunks).
 
     Raises:
         JobDeleted: the job was deleted or purged (its tombstone says so).
@@ -160,6 +164,7 @@ def collect_steps(inbox: Inbox, keys: Keys, job: Job, timeout_s: float | None) -
     listened = inbox.signal(unit) is not None
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     payloads: dict[int, bytes] = {}
+    handed: set[int] = set()
     # Without a listener the keys are all there is to read: read them often.
     interval = _SWEEP_S if listened else _POLL_S
     sweep = time.monotonic() + interval if listened else 0.0
@@ -189,6 +194,10 @@ def collect_steps(inbox: Inbox, keys: Keys, job: Job, timeout_s: float | None) -
                 payloads.update({c: v for c, v in zip(read, stored, strict=False) if v is not None})
                 recorded = not swept or stored[-2] is not None
                 ended = stored[-1] if swept else None
+            for chunk in sorted(payloads.keys() - handed):
+                handed.add(chunk)
+                if on_stored is not None:
+                    on_stored(chunk, payloads[chunk])
             if len(payloads) == chunks:
                 yield from join_steps(keys, job.id, job.unit, payloads)
                 inbox.untrack(unit)
@@ -271,6 +280,9 @@ class Replies:
         self._listener: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        # Result files read while their job's other chunks ran, by unit: kept until the job's
+        # result is assembled (``read_files``), so a collect that times out loses none of them.
+        self._early: dict[str, dict[int, bytes]] = {}
 
     def track(self, unit: str, chunks: int) -> None:
         """Wait for the notices of ``unit`` (a job, or a pack of jobs): call before publishing."""
@@ -288,7 +300,21 @@ class Replies:
 
     def collect(self, job: Job, timeout_s: float | None) -> dict[int, bytes]:
         """Wait for ``job``'s unit; its stored results (see ``collect_steps``)."""
-        return run(collect_steps(self.inbox, self.keys, job, timeout_s), self._do)
+        return run(collect_steps(self.inbox, self.keys, job, timeout_s, self._reader(job)), self._do)
+
+    def _reader(self, job: Job) -> Callable[[int, bytes], None] | None:
+        """Reads each result file of ``job`` as its reference comes in: the client copies
+        one chunk's result out while the worker computes the next, not all at the end."""
+        if job.pack is not None or not self.transport.shm_dir:  # a pack's result is never a file
+            return None
+        with self._lock:
+            early = self._early.setdefault(job.unit, {})
+
+        def read(chunk: int, value: bytes) -> None:
+            if chunk not in early and parts.is_file_ref(value):
+                early[chunk] = self.transport.read_results(job.id, job.unit, {chunk: value})[chunk]
+
+        return read
 
     def status(self, job: Job) -> Status:
         return run(status_steps(self.keys, job), self._do)
@@ -297,12 +323,18 @@ class Replies:
         return self.ledger.attempts(job.unit)
 
     def read_files(self, job: Job, payloads: Mapping[int, bytes]) -> dict[int, bytes]:
-        """``payloads`` with file references replaced by their files' bytes (``Transport.read_results``)."""
-        return self.transport.read_results(job.id, job.unit, payloads)
+        """``payloads`` with file references replaced by their files' bytes (``Transport.read_results``;
+        those read during ``collect`` already are taken as read)."""
+        with self._lock:
+            early = self._early.pop(job.unit, {})
+        rest = {c: v for c, v in payloads.items() if c not in early}
+        return {**self.transport.read_results(job.id, job.unit, rest), **early}
 
     def delete(self, job: Job) -> int:
         """Drop ``job``'s unit: record, inputs (keys and this host's files), results."""
         self.inbox.untrack(job.unit)
+        with self._lock:
+            self._early.pop(job.unit, None)
         _, files = self.transport.inputs((job.unit, c) for c in range(job.chunks))
         self.transport.drop(self.redis, [], files)
         return delete_job(self.redis, self.keys, job.unit, job.chunks)
@@ -310,6 +342,8 @@ class Replies:
     def close(self) -> None:
         """Stop the listener and drop the reply list."""
         self._closed.set()
+        with self._lock:
+            self._early.clear()
         if self._listener is not None:
             try:  # wake the listener's BLPOP now rather than at its 1 s timeout
                 self.redis.lpush(self.reply_key, WAKE)

@@ -15,8 +15,9 @@ once the result is stored, or the job is deleted or purged, ``Transport.drop`` d
 Results take the way back: a big result of a chunk whose input came in a file goes to
 ``shm.result_name(job, chunk)`` in the same folder (``Transport.place_result``, on the
 worker) under a reference (``parts.file_ref``), and the client reads it once and deletes
-it (``Transport.read_results``). A deleted or purged job's result files go with its
-input files (``Transport.inputs`` names both).
+it (``Transport.read_results``), as soon as the reference comes: ``Client`` copies one
+chunk's result out while the worker still runs the next (``replies.Replies``). A deleted
+or purged job's result files go with its input files (``Transport.inputs`` names both).
 
 Names are derived, never trusted: the key or file an envelope names must equal the one
 derived from the job id of its first unit (and this side's prefix and folder), or the
