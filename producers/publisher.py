@@ -32,7 +32,7 @@ import pyarrow as pa
 import redis
 from celery import Celery
 
-from hetbatch.producers.errors import BrokerError
+from hetbatch.producers.errors import BrokerError, ConfigError
 from hetbatch.producers.protocol import tracing
 from hetbatch.producers.protocol.ensemble import EnsembleSpec, plan_stage
 from hetbatch.producers.protocol.keys import Keys, lane_list
@@ -167,6 +167,12 @@ class Publisher:
     ) -> None:
         if trace_submits:
             tracing.configure(True)
+        if replicas[0] < 0 or (replicas[0] > 0 and replicas[1] < 1):
+            # WAIT with timeout 0 blocks for ever; a negative one fails after the transaction ran.
+            raise ConfigError(
+                f"wait_replicas={replicas[0]}, wait_timeout_ms={replicas[1]}: wait_replicas must be 0 or more "
+                "and, when set, wait_timeout_ms at least 1"
+            )
         self._client = client
         self._keys = keys
         self._ledger = ledger
@@ -271,6 +277,13 @@ class Publisher:
                 pipe = _Replicated(self._client, self._replicas) if waits else self._client.pipeline(transaction=True)
                 batch.replay(pipe)
                 pipe.execute()
+                if isinstance(pipe, _Replicated) and pipe.refused is not None:
+                    batch.clear()
+                    raise BrokerError(
+                        f"Redis at {safe_url(self._client)} ran the submit but refused WAIT ({pipe.refused}): the "
+                        "master may run the job, but nothing says a replica has it; allow WAIT (ACL, proxy) or "
+                        "set wait_replicas=0"
+                    )
                 if isinstance(pipe, _Replicated) and pipe.acked < self._replicas[0]:
                     batch.clear()
                     raise BrokerError(
@@ -299,15 +312,20 @@ class Publisher:
 class _Replicated(redis.client.Pipeline):
     """A MULTI/EXEC pipeline followed by ``WAIT replicas timeout`` on the same connection
     (``WAIT`` counts the writes of its own connection; inside MULTI it would not block).
-    ``acked`` is how many replicas confirmed the transaction."""
+    ``acked`` is how many replicas confirmed the transaction; ``refused`` is Redis's error
+    when it ran the transaction but refused WAIT (an ACL without it, a proxy)."""
 
     def __init__(self, client: redis.Redis, replicas: tuple[int, int]) -> None:
         super().__init__(client.connection_pool, client.response_callbacks, True, None)
         self._wait = replicas
         self.acked = 0
+        self.refused: str | None = None
 
     def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: bool) -> list[Any]:
         replies: list[Any] = super()._execute_transaction(connection, commands, raise_on_error)
         connection.send_command("WAIT", *self._wait)
-        self.acked = int(connection.read_response())
+        try:
+            self.acked = int(connection.read_response())
+        except redis.ResponseError as exc:  # the transaction ran: not "refused the submit"
+            self.refused = str(exc)
         return replies

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from hetbatch.producers import BrokerError, Client
+from hetbatch.producers import BrokerError, Client, ConfigError
 from hetbatch.producers.protocol.keys import Keys
 from hetbatch.worker.devtools.redis_server import RedisServer
 from tests.kit.helpers import register, wait_until
@@ -43,3 +43,27 @@ def test_a_submit_returns_once_a_replica_holds_it_and_fails_clearly_without_one(
     finally:
         replica.stop()
         master.stop()
+
+
+def test_settings_that_would_hang_or_fail_after_the_transaction_are_refused_at_start() -> None:
+    with RedisServer() as server:
+        for bad in [{"wait_replicas": 1, "wait_timeout_ms": 0}, {"wait_replicas": -1}]:
+            with pytest.raises(ConfigError, match="wait_timeout_ms at least 1"):
+                Client.from_url(server.url, **bad)
+
+
+def test_a_redis_that_refuses_wait_after_running_the_submit_says_so(tmp_path: Path) -> None:
+    with RedisServer() as server:
+        admin = redis.Redis(port=server.port)
+        admin.acl_setuser(
+            "nowait", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-wait"]
+        )
+        built = sklearn_model(tmp_path / "nowait-iris", "nowait-iris", "iris", trees=3)
+        url = f"redis://nowait:pw@127.0.0.1:{server.port}/0"
+        with Client.from_url(url, wait_replicas=1, wait_timeout_ms=300) as client:
+            ref = register(client, built.directory)
+            records = client.keys.job("*")
+            before = len(admin.keys(records))
+            with pytest.raises(BrokerError, match=r"ran the submit but refused WAIT \(.*'wait' command\)"):
+                client.submit(ref, built.X[:1])
+            assert len(admin.keys(records)) == before + 1, "the message says the job may run: it is there"
