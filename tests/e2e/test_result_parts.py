@@ -22,7 +22,7 @@ from hetbatch.producers.protocol import parts
 from hetbatch.producers.protocol.wire import Status
 from hetbatch.worker.modelops.registration import register_path, write_config
 from tests.kit.helpers import WorkerProcess, column, register
-from tests.kit.models_rows import WideOutput
+from tests.kit.models_rows import wide_output
 
 MAX_RESULT_BYTES = 256 * 1024
 WIDTH = 1024  # 4 KiB of outputs per row: 64 rows fill one part
@@ -45,20 +45,7 @@ def worker(private_redis: str, work_dir: Path) -> Iterator[WorkerProcess]:
 
 @pytest.fixture(scope="module")
 def model(work_dir: Path) -> tuple[Path, torch.jit.ScriptModule]:
-    directory = work_dir / "wide-parts"
-    scripted = torch.jit.trace(WideOutput(WIDTH).eval(), torch.zeros(2, 1))  # type: ignore[no-untyped-call]
-    directory.mkdir(parents=True, exist_ok=True)
-    scripted.save(str(directory / "model.pt"))
-    inputs = [{"name": "x", "dtype": "float32", "shape": [1]}]
-    write_config(
-        directory,
-        name="wide-parts",
-        framework="torch",
-        artifact="model.pt",
-        inputs=inputs,
-        options={"output_names": ["wide"]},
-    )
-    return directory, scripted
+    return wide_output(work_dir / "wide-parts", "wide-parts", WIDTH)
 
 
 @pytest.fixture()

@@ -30,10 +30,9 @@ from hetbatch.producers.protocol.keys import Keys
 from hetbatch.producers.protocol.transport import Transport
 from hetbatch.producers.protocol.wire import Item, Status, TaskEnvelope
 from hetbatch.worker.devtools.redis_server import RedisServer
-from hetbatch.worker.modelops.registration import write_config
 from hetbatch.worker.results import Done, ResultWriter, outcomes_of
 from tests.kit.helpers import WorkerProcess, column, register
-from tests.kit.models_rows import WideOutput
+from tests.kit.models_rows import wide_output
 
 QUEUE = "torch.cpu"
 WIDTH = 1024  # 4 KiB of outputs per row: 256 rows make the 1 MiB a result file needs
@@ -47,14 +46,7 @@ def tmp_path(shm_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def model(work_dir: Path) -> tuple[Path, torch.jit.ScriptModule]:
-    directory = work_dir / "wide-shm"
-    scripted = torch.jit.trace(WideOutput(WIDTH).eval(), torch.zeros(2, 1))  # type: ignore[no-untyped-call]
-    directory.mkdir(parents=True, exist_ok=True)
-    scripted.save(str(directory / "model.pt"))
-    inputs = [{"name": "x", "dtype": "float32", "shape": [1]}]
-    options = {"output_names": ["wide"]}
-    write_config(directory, name="wide-shm", framework="torch", artifact="model.pt", inputs=inputs, options=options)
-    return directory, scripted
+    return wide_output(work_dir / "wide-shm", "wide-shm", WIDTH)
 
 
 def _in_process(scripted: torch.jit.ScriptModule, x: np.ndarray) -> np.ndarray:

@@ -109,9 +109,9 @@ def image_cnn(directory: Path, name: str, **config: Any) -> tuple[Path, torch.ji
     return directory, scripted
 
 
-def wide_output(directory: Path, name: str) -> tuple[Path, torch.jit.ScriptModule]:
-    """The 256-KiB-per-row output model as TorchScript."""
-    scripted = torch.jit.trace(WideOutput().eval(), torch.zeros(2, 1))
+def wide_output(directory: Path, name: str, width: int = 65_536) -> tuple[Path, torch.jit.ScriptModule]:
+    """The wide-output model (``width`` float32 per row; 256 KiB by default) as TorchScript."""
+    scripted = torch.jit.trace(WideOutput(width).eval(), torch.zeros(2, 1))
     directory.mkdir(parents=True, exist_ok=True)
     scripted.save(str(directory / "model.pt"))
     inputs = [{"name": "x", "dtype": "float32", "shape": [1]}]
