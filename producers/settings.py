@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from hetbatch.producers.errors import ConfigError
 from hetbatch.producers.protocol.keys import DEFAULT_PREFIX
 
 __all__ = ["DEFAULT_REDIS_URL", "ClientSettings", "env_overrides"]
@@ -14,7 +15,11 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def env_overrides(cls: Any, prefix: str = "HETBATCH_") -> dict[str, Any]:
-    """Values for the dataclass ``cls`` taken from ``HETBATCH_<FIELD>`` variables."""
+    """Values for the dataclass ``cls`` taken from ``HETBATCH_<FIELD>`` variables.
+
+    Raises:
+        ConfigError: a variable that is not a number where the field is one.
+    """
     out: dict[str, Any] = {}
     for f in fields(cls):
         raw = os.environ.get(prefix + f.name.upper())
@@ -25,7 +30,11 @@ def env_overrides(cls: Any, prefix: str = "HETBATCH_") -> dict[str, Any]:
         if kind is bool:
             out[f.name] = raw.lower() in ("1", "true", "yes", "on")
         elif kind in (int, float):
-            out[f.name] = kind(raw)
+            try:
+                out[f.name] = kind(raw)
+            except ValueError:
+                what = "an integer" if kind is int else "a number"
+                raise ConfigError(f"{prefix}{f.name.upper()}={raw!r} is not {what}; fix or unset it") from None
         else:
             out[f.name] = raw
     return out
