@@ -55,26 +55,50 @@ class Screened:
 
 
 class _Reasons:
-    """The first reason per row: later checks never overwrite an earlier one."""
+    """The first reason per row: later checks never overwrite an earlier one.
+
+    The per-row arrays are made when the first bad row is found: a clean batch (the
+    common case) pays for none of them.
+    """
 
     def __init__(self, rows: int) -> None:
-        self.kind = np.full(rows, "", dtype=object)
-        self.column = np.full(rows, "", dtype=object)
-        self.message = np.full(rows, "", dtype=object)
+        self.rows = rows
+        self.seen = False
+        self.kind = self.column = self.message = np.empty(0, dtype=object)
+
+    def _make(self) -> None:
+        if not self.seen:
+            self.seen = True
+            self.kind, self.column, self.message = (np.full(self.rows, "", dtype=object) for _ in range(3))
+
+    def good(self) -> np.ndarray:
+        return self.kind == "" if self.seen else np.ones(self.rows, dtype=bool)
+
+    def of(self, rows: np.ndarray) -> tuple[list[str], list[str], list[str]]:
+        """The (kinds, columns, messages) of ``rows``."""
+        kinds, columns, messages = ([str(v) for v in a[rows]] if self.seen else [] for a in self._all())
+        return kinds, columns, messages
+
+    def _all(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.kind, self.column, self.message
 
     def add(self, mask: np.ndarray, kind: str, column: str, message: str) -> None:
+        if not mask.any():
+            return
+        self._make()
         new = mask & (self.kind == "")
-        if new.any():
-            self.kind[new] = kind
-            self.column[new] = column
-            self.message[new] = message
+        self.kind[new] = kind
+        self.column[new] = column
+        self.message[new] = message
 
     def merge(self, where: np.ndarray, sub: _Reasons) -> None:
         """Take ``sub``'s reasons (one per row of ``where``) for rows that have none yet."""
+        if not sub.seen:
+            return
+        self._make()
         empty = self.kind[where] == ""
-        for name in ("kind", "column", "message"):
-            mine = getattr(self, name)
-            mine[where] = np.where(empty, getattr(sub, name), mine[where])
+        for mine, theirs in zip(self._all(), sub._all(), strict=True):
+            mine[where] = np.where(empty, theirs, mine[where])
 
 
 def _values(arr: pa.Array, dtype: str) -> np.ndarray:
@@ -188,22 +212,23 @@ def screen(
             else:
                 arrays[spec.name] = _scalar(col, spec, spec.name, cast, lossy_rows, reasons)
         elif spec.columns and all(c in table.column_names for c in spec.columns):
-            out = np.empty((rows, spec.size), dtype=object if spec.dtype == "string" else spec.dtype)
-            for j, name in enumerate(spec.columns):
-                out[:, j] = _scalar(table.column(name).combine_chunks(), spec, name, cast, lossy_rows, reasons)
-            arrays[spec.name] = out.reshape((rows, *spec.shape))
+            values = [
+                _scalar(table.column(c).combine_chunks(), spec, c, cast, lossy_rows, reasons) for c in spec.columns
+            ]
+            arrays[spec.name] = np.stack(values, axis=1).reshape((rows, *spec.shape))
         else:
             missing = [c for c in spec.columns or (spec.name,) if c not in table.column_names]
             raise SchemaMismatch(f"missing input column(s) {missing[:5]}", column=spec.name, expected=spec.describe())
         if nan == "reject" and spec.dtype.startswith("float"):
-            finite = np.isfinite(arrays[spec.name].reshape(rows, -1))
-            bad = ~finite.all(axis=1)
-            if bad.any():
+            flat = arrays[spec.name].reshape(rows, -1)
+            if not np.isfinite(flat).all():  # the whole batch first: a row-by-row pass costs 15x
+                finite = np.isfinite(flat)
+                bad: np.ndarray = ~finite.all(axis=1)
                 where = np.asarray(spec.columns)[np.argmax(~finite, axis=1)] if spec.columns else None
                 for column in np.unique(where[bad]) if where is not None else [spec.name]:
                     mask = bad & (where == column) if where is not None else bad
                     reasons.add(mask, "NonFinite", str(column), "NaN or infinity, and the model rejects them")
-    good = reasons.kind == ""
+    good = reasons.good()
     bad_rows = np.flatnonzero(~good)
     if len(bad_rows):
         arrays = {name: a[good] for name, a in arrays.items()}
@@ -211,7 +236,5 @@ def screen(
         good,
         arrays,
         bad_rows,
-        [str(k) for k in reasons.kind[bad_rows]],
-        [str(c) for c in reasons.column[bad_rows]],
-        [str(m) for m in reasons.message[bad_rows]],
+        *reasons.of(bad_rows),
     )
