@@ -186,13 +186,12 @@ class Client:
             try:
                 for chunk, (start, rows) in enumerate(bounds):
                     part = table.slice(start, rows)
-                    blob = encode_table(part)
-                    payload = self.transport.place(blob, job.id, chunk, batch, to_shm=host is not None)
+                    payload, size = self.transport.place_table(part, job.id, chunk, batch, to_shm=host is not None)
                     if payload.payload_shm is None:  # through Redis after all: the folder is full
                         host = None
                     env = self._envelope(spec, [Item(job.id, chunk, part.num_rows)], payload, deadline)
                     self.publisher.enqueue(batch, host or queue, env, level, lane=lane)
-                    buffered += len(blob)
+                    buffered += size
                     if buffered >= _FLUSH_BYTES:  # let workers start on early chunks of a big job
                         self.publisher.send(batch)
                         buffered = 0

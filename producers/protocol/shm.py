@@ -34,7 +34,9 @@ import re
 import secrets
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, BinaryIO, cast
 
 from hetbatch.producers.errors import JobLost, PayloadError
 
@@ -123,16 +125,33 @@ def write_payload(folder: str, name: str, blob: bytes | memoryview, *, exclusive
             would leave less than a quarter of the folder free (a tmpfs is memory: others
             on the host need it too).
     """
+    write_with(folder, name, len(blob), lambda f: f.write(blob), exclusive=exclusive)
+
+
+class _WholeFile(io.FileIO):
+    """A file whose ``write`` writes every byte (a plain one may write part and say so)."""
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        while view:
+            view = view[super().write(view) or 0 :]
+        return size
+
+
+def write_with(
+    folder: str, name: str, size: int, fill: Callable[[BinaryIO], object], *, exclusive: bool = False
+) -> None:
+    """``write_payload`` for bytes that ``fill`` writes itself (an Arrow stream written
+    straight from a table's buffers, without an encoded copy); ``size``: their length."""
     fs = os.statvfs(folder)
-    if (fs.f_bavail * fs.f_frsize - len(blob)) * 4 < fs.f_blocks * fs.f_frsize:
+    if (fs.f_bavail * fs.f_frsize - size) * 4 < fs.f_blocks * fs.f_frsize:
         raise OSError(errno.ENOSPC, f"{folder} would be more than three quarters full")
     how = os.O_EXCL if exclusive else os.O_TRUNC
     fd = os.open(Path(folder) / name, os.O_WRONLY | os.O_CREAT | how | os.O_NOFOLLOW, 0o600)
     try:
-        with os.fdopen(fd, "wb", buffering=0) as f:
-            view = memoryview(blob).cast("B")
-            while view:
-                view = view[f.write(view) or 0 :]
+        with _WholeFile(fd, "wb") as f:
+            fill(cast(BinaryIO, f))
     except OSError:
         unlink(folder, [name])  # ours, cut short (the folder filled up): never read
         raise

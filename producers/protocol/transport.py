@@ -37,13 +37,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import pyarrow as pa
 import redis
 
 from hetbatch.producers.errors import JobLost, PayloadError, PayloadTooLarge
 from hetbatch.producers.protocol import parts, shm
 from hetbatch.producers.protocol.ensemble import member_job_id, stage_input_key
 from hetbatch.producers.protocol.keys import Keys
-from hetbatch.producers.protocol.wire import Item, TaskEnvelope
+from hetbatch.producers.protocol.wire import Item, TaskEnvelope, encode_table, ipc_size, write_ipc
 
 __all__ = ["Placed", "Transport"]
 
@@ -143,6 +144,26 @@ class Transport:
         key = self.keys.input(unit, chunk)
         pipe.set(key, blob, ex=self.ttl_s)
         return Placed(payload_key=key)
+
+    def place_table(
+        self, table: pa.Table, unit: str, chunk: int, pipe: Any, *, to_shm: bool = False
+    ) -> tuple[Placed, int]:
+        """``place`` for rows not yet encoded, and their encoded length. To shared memory,
+        the stream is written from the table's buffers: a 1.2 GB job of images is copied
+        once on its way out, not twice."""
+        if to_shm and self.shm_dir:
+            size = ipc_size(table)
+            if size > self.max_bytes:
+                raise PayloadTooLarge(size, self.max_bytes)
+            name = shm.payload_name(unit, chunk)
+            try:
+                shm.write_with(self.shm_dir, name, size, lambda f: write_ipc(f, table))
+                return Placed(payload_shm=name), size
+            except OSError as exc:
+                log.warning("%s not written (%s); the chunk goes through Redis", name, exc)
+                shm.unlink(self.shm_dir, [name])
+        blob = encode_table(table)
+        return self.place(blob, unit, chunk, pipe), len(blob)
 
     def store(self, pipe: Any, key: str, blob: bytes | memoryview) -> None:
         """Queue on ``pipe`` an input whose key the caller derived (an ensemble stage's).

@@ -241,6 +241,20 @@ def encode_table(table: pa.Table | pa.RecordBatch, tag: bytes = b"") -> memoryvi
     return memoryview(sink.getvalue())
 
 
+def ipc_size(table: pa.Table | pa.RecordBatch) -> int:
+    """The length of ``encode_table(table)``, counted without copying a value."""
+    sink = pa.MockOutputStream()
+    write_ipc(sink, table)
+    return int(sink.size())
+
+
+def write_ipc(sink: Any, table: pa.Table | pa.RecordBatch) -> None:
+    """Write ``encode_table``'s bytes to ``sink`` (a file or Arrow stream) from the table's own buffers."""
+    stream = sink if isinstance(sink, pa.NativeFile) else pa.PythonFile(sink, mode="w")
+    with pa.ipc.new_stream(stream, table.schema) as writer:
+        writer.write(table)
+
+
 def decode_table(data: bytes | memoryview, *, max_bytes: int | None = None, max_rows: int | None = None) -> pa.Table:
     """Read an Arrow IPC stream, checking it fully before any column is used.
 

@@ -250,3 +250,30 @@ def test_a_sticky_device_error_goes_to_on_fatal_and_answers_nobody() -> None:
         time.sleep(0.01)
     assert len(fatal) == 1 and isinstance(fatal[0], DeviceFailed) and not future.done()
     batcher.close()
+
+
+def test_requests_of_many_bytes_are_called_alone_and_small_ones_merge() -> None:
+    """Past MERGE_BYTES a call has paid for itself: merging big requests would only copy them."""
+    from hetbatch.worker.batching import MERGE_BYTES
+
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        entered.set()
+        release.wait(5)
+        return double(inputs)
+
+    batcher, stats = _batcher(hold, max_batch_rows=1_000, max_delay_ms=0, incoming=lambda: 1)
+    busy = batcher.submit({"x": np.ones((1, 1))}, 1)  # holds the model while the others queue
+    assert entered.wait(5)
+    row = MERGE_BYTES // 8  # float64 elements: one row is MERGE_BYTES
+    big = [batcher.submit({"x": np.full((1, row), i, np.float64)}, 1) for i in range(2)]
+    small = [batcher.submit({"x": np.full((3, 1), i, np.float64)}, 3) for i in range(4)]
+    release.set()
+    for i, fut in enumerate(big):
+        assert fut.result(timeout=10)["y"][0, 0] == 2.0 * i
+    for i, fut in enumerate(small):
+        np.testing.assert_array_equal(fut.result(timeout=10)["y"], np.full((3, 1), 2.0 * i))
+    busy.result(timeout=10)
+    assert [(s.rows, s.requests) for s in stats] == [(1, 1), (1, 1), (1, 1), (12, 4)]
+    batcher.close()
