@@ -2,20 +2,23 @@
 the same model in-process, side by side in one run (a private redis-server, one real
 worker process, TorchScript models with random weights).
 
-(a) image CNN on (N, 3, 224, 224) float32, one job of every image;
+(a) two image CNNs on (N, 3, 224, 224) float32, one job of every image: a patchify CNN
+    that runs faster than a copy of its input (transfer-bound: the floor) and ConvNet,
+    four strided 3x3 convolutions (about 0.1 GFLOP per image);
 (b) a 2-layer transformer encoder (width 128) over token sequences of lengths 8-256:
     hetbatch (length-aware batching, 64 rows per call) vs in-process padding each
     64-row batch to its longest row, and vs padding every row to 256;
 (c) an embedding model, 768 floats out per row (inputs and results through shared-memory
     files when the worker shares ``/dev/shm``, as here: ``Transport.place_result``).
 
-Medians and ranges of ``--repeats`` runs; ratios are of the medians. Writes
-``.bench/rowsize.json``.
+Medians and ranges of ``--repeats`` runs, the sides taken in turns; ratios are of the
+medians. Writes ``.bench/rowsize.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -44,6 +47,23 @@ class ImageCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean(dim=(2, 3)))
+
+
+class ConvNet(nn.Module):
+    """Four 3x3 stride-2 convolutions (16-128 channels), about 0.1 GFLOP per 224x224 image:
+    lighter than any ImageNet classifier (MobileNetV2 0.3, ResNet-18 1.8), heavy enough
+    that the model, not the copy of its 602 KB rows, sets the pace."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, 8 * width]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in itertools.pairwise(chans))
+        self.head = nn.Linear(8 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return self.head(x.mean(dim=(2, 3)))
 
 
 class Encoder(nn.Module):
@@ -80,13 +100,17 @@ def save(directory: Path, name: str, module: nn.Module, example: tuple[torch.Ten
     return traced
 
 
-def timed(fn: Callable[[], object], repeats: int) -> list[float]:
-    fn()  # warm (model load on the worker, allocator in-process)
-    out = []
+def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each of ``fns`` per repeat, taken in turns (a, b, a, b...): a slow
+    spell of this shared machine falls on both sides alike, not on one side's runs."""
+    for fn in fns.values():
+        fn()  # warm (model load on the worker, allocator in-process)
+    out: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - started)
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - started)
     return out
 
 
@@ -140,7 +164,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--sequences", type=int, default=20_000)
     ap.add_argument("--embeddings", type=int, default=200_000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cases", default="abc", help="which of the cases a, b, c to run (default all)")
     args = ap.parse_args()
     out_dir = ROOT / ".bench"
@@ -162,9 +186,9 @@ def main() -> None:
         stop_process(worker)
         server.stop()
     ratios = {}
-    if "a_images" in results:
-        a = results["a_images"]
-        ratios["a_images_vs_in_process"] = a["hetbatch"]["median"] / a["in_process"]["median"]
+    for key in ("a_images", "a_convnet"):
+        if key in results:
+            ratios[f"{key}_vs_in_process"] = results[key]["hetbatch"]["median"] / results[key]["in_process"]["median"]
     if "b_tokens" in results:
         b = results["b_tokens"]
         ratios["b_tokens_vs_pad_per_64"] = b["hetbatch"]["median"] / b["in_process_pad_per_64"]["median"]
@@ -179,25 +203,28 @@ def main() -> None:
 
 
 def bench_images(client: Client, out_dir: Path, rng: np.random.Generator, args: Any, results: dict[str, Any]) -> None:
-    """(a) one job of ``args.images`` images through the CNN."""
-    cnn = save(
-        out_dir / "m-cnn",
-        "bench-cnn",
-        ImageCNN(),
-        (torch.zeros(2, 3, 224, 224),),
-        inputs=[{"name": "x", "dtype": "float32", "shape": [3, 224, 224]}],
-    )
-    client.registry.register(build_spec(out_dir / "m-cnn"))
+    """(a) one job of ``args.images`` images through each CNN: the patchify one (a copy of
+    the input costs more than the model: the floor of any out-of-process server) and ConvNet."""
     X = rng.standard_normal((args.images, 3, 224, 224), dtype=np.float32)
+    for key, name, module in (("a_images", "bench-cnn", ImageCNN()), ("a_convnet", "bench-convnet", ConvNet())):
+        model = save(
+            out_dir / f"m-{name}",
+            name,
+            module,
+            (torch.zeros(2, 3, 224, 224),),
+            inputs=[{"name": "x", "dtype": "float32", "shape": [3, 224, 224]}],
+        )
+        client.registry.register(build_spec(out_dir / f"m-{name}"))
 
-    def cnn_inproc() -> None:
-        with torch.inference_mode():
-            for s in range(0, len(X), 64):
-                cnn(torch.from_numpy(X[s : s + 64]))
+        def inproc(model: Any = model) -> None:
+            with torch.inference_mode():
+                for s in range(0, len(X), 64):
+                    model(torch.from_numpy(X[s : s + 64]))
 
-    a_in = summary(len(X), timed(cnn_inproc, args.repeats))
-    a_hb = summary(len(X), timed(lambda: client.predict("bench-cnn", {"x": X}, timeout_s=900), args.repeats))
-    results["a_images"] = {"rows": len(X), "MB": round(X.nbytes / 1e6), "in_process": a_in, "hetbatch": a_hb}
+        queued = lambda name=name: client.predict(name, {"x": X}, timeout_s=900)  # noqa: E731
+        runs = timed({"in": inproc, "hb": queued}, args.repeats)
+        a_in, a_hb = summary(len(X), runs["in"]), summary(len(X), runs["hb"])
+        results[key] = {"rows": len(X), "MB": round(X.nbytes / 1e6), "in_process": a_in, "hetbatch": a_hb}
 
 
 def bench_tokens(client: Client, out_dir: Path, rng: np.random.Generator, args: Any, results: dict[str, Any]) -> None:
@@ -213,11 +240,15 @@ def bench_tokens(client: Client, out_dir: Path, rng: np.random.Generator, args: 
     client.registry.register(build_spec(out_dir / "m-enc"))
     seqs = [rng.integers(1, 1000, int(n)).astype(np.int64) for n in rng.integers(8, 257, args.sequences)]
     pad64 = padded_calls(enc, seqs[:64], 64, None)
-    b_64 = summary(len(seqs), timed(lambda: padded_calls(enc, seqs, 64, None), args.repeats))
-    b_256 = summary(len(seqs), timed(lambda: padded_calls(enc, seqs, 64, 256), args.repeats))
-    b_hb = summary(
-        len(seqs), timed(lambda: client.predict("bench-encoder", {"ids": seqs}, timeout_s=900), args.repeats)
+    runs = timed(
+        {
+            "64": lambda: padded_calls(enc, seqs, 64, None),
+            "256": lambda: padded_calls(enc, seqs, 64, 256),
+            "hb": lambda: client.predict("bench-encoder", {"ids": seqs}, timeout_s=900),
+        },
+        args.repeats,
     )
+    b_64, b_256, b_hb = (summary(len(seqs), runs[k]) for k in ("64", "256", "hb"))
     pad_all = padded_calls(enc, seqs[:640], 64, None)
     results["b_tokens"] = {
         "rows": len(seqs),
@@ -250,8 +281,8 @@ def bench_embeddings(
         with torch.inference_mode():
             return np.concatenate([emb(torch.from_numpy(E[s : s + 8192])).numpy() for s in range(0, len(E), 8192)])
 
-    c_in = summary(len(E), timed(emb_inproc, args.repeats))
-    c_hb = summary(len(E), timed(lambda: client.predict("bench-embed", {"x": E}, timeout_s=900), args.repeats))
+    runs = timed({"in": emb_inproc, "hb": lambda: client.predict("bench-embed", {"x": E}, timeout_s=900)}, args.repeats)
+    c_in, c_hb = summary(len(E), runs["in"]), summary(len(E), runs["hb"])
     # The results must be the in-process ones, bit for bit (files read back, not re-encoded).
     got = client.predict("bench-embed", {"x": E}, timeout_s=900).column(0).combine_chunks()
     same = got.flatten().to_numpy().reshape(len(E), -1).view(np.uint32)
