@@ -21,12 +21,13 @@ exceed the payload size. Every failure raises ``PayloadError``.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pyarrow as pa
 
 from hetbatch.producers.errors import PayloadError
 
-__all__ = ["ALLOWED_TYPES", "MAX_COLUMNS", "check_type", "read_stream"]
+__all__ = ["ALLOWED_TYPES", "MAX_COLUMNS", "check_type", "ipc_size", "read_stream", "write_ipc"]
 
 ALLOWED_TYPES: frozenset[pa.DataType] = frozenset(
     [
@@ -174,3 +175,18 @@ def read_stream(data: bytes | memoryview, *, max_rows: int | None = None) -> pa.
     except (pa.ArrowException, OSError, ValueError, TypeError, IndexError, KeyError, struct.error) as exc:
         raise PayloadError(f"payload is not a valid Arrow IPC stream: {exc}") from exc
     return table
+
+
+def ipc_size(table: pa.Table | pa.RecordBatch) -> int:
+    """The length of what ``write_ipc`` writes, counted without copying a value."""
+    sink = pa.MockOutputStream()
+    write_ipc(sink, table)
+    return int(sink.size())
+
+
+def write_ipc(sink: Any, table: pa.Table | pa.RecordBatch) -> None:
+    """Write ``table`` as one Arrow IPC stream (``wire.encode_table``'s bytes after its
+    tag) to ``sink``, a file or Arrow stream, from the table's own buffers."""
+    stream = sink if isinstance(sink, pa.NativeFile) else pa.PythonFile(sink, mode="w")
+    with pa.ipc.new_stream(stream, table.schema) as writer:
+        writer.write(table)

@@ -43,8 +43,9 @@ import redis
 from hetbatch.producers.errors import JobLost, PayloadError, PayloadTooLarge
 from hetbatch.producers.protocol import parts, shm
 from hetbatch.producers.protocol.ensemble import member_job_id, stage_input_key
+from hetbatch.producers.protocol.ipc import ipc_size, write_ipc
 from hetbatch.producers.protocol.keys import Keys
-from hetbatch.producers.protocol.wire import Item, TaskEnvelope, encode_table, ipc_size, write_ipc
+from hetbatch.producers.protocol.wire import Item, TaskEnvelope, encode_table
 
 __all__ = ["Placed", "Transport"]
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from hetbatch.producers.errors import PayloadError, PayloadTooLarge, RemoteError
 from hetbatch.producers.protocol.fields import MAX_INLINE, Fields, answerable_fields, first_job, read_item
-from hetbatch.producers.protocol.ipc import read_stream
+from hetbatch.producers.protocol.ipc import read_stream, write_ipc
 from hetbatch.producers.protocol.keys import is_reply
 
 __all__ = [
@@ -236,23 +236,8 @@ def encode_table(table: pa.Table | pa.RecordBatch, tag: bytes = b"") -> memoryvi
     after ``tag``, into one buffer: the rows are copied once, and Redis takes the view as is."""
     sink = pa.BufferOutputStream()
     sink.write(tag)
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write(table)
-    return memoryview(sink.getvalue())
-
-
-def ipc_size(table: pa.Table | pa.RecordBatch) -> int:
-    """The length of ``encode_table(table)``, counted without copying a value."""
-    sink = pa.MockOutputStream()
     write_ipc(sink, table)
-    return int(sink.size())
-
-
-def write_ipc(sink: Any, table: pa.Table | pa.RecordBatch) -> None:
-    """Write ``encode_table``'s bytes to ``sink`` (a file or Arrow stream) from the table's own buffers."""
-    stream = sink if isinstance(sink, pa.NativeFile) else pa.PythonFile(sink, mode="w")
-    with pa.ipc.new_stream(stream, table.schema) as writer:
-        writer.write(table)
+    return memoryview(sink.getvalue())
 
 
 def decode_table(data: bytes | memoryview, *, max_bytes: int | None = None, max_rows: int | None = None) -> pa.Table:
