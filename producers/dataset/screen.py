@@ -76,7 +76,9 @@ class _Reasons:
 
     def of(self, rows: np.ndarray) -> tuple[list[str], list[str], list[str]]:
         """The (kinds, columns, messages) of ``rows``."""
-        kinds, columns, messages = ([str(v) for v in a[rows]] if self.seen else [] for a in self._all())
+        if not self.seen:
+            return [], [], []
+        kinds, columns, messages = ([str(v) for v in a[rows]] for a in self._all())
         return kinds, columns, messages
 
     def _all(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -33,9 +33,9 @@ from __future__ import annotations
 import base64
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import pyarrow as pa
 import redis
@@ -132,14 +132,8 @@ class Transport:
         """
         if len(blob) > self.max_bytes:
             raise PayloadTooLarge(len(blob), self.max_bytes)
-        if to_shm and self.shm_dir:
-            name = shm.payload_name(unit, chunk)
-            try:
-                shm.write_payload(self.shm_dir, name, blob)
-                return Placed(payload_shm=name)
-            except OSError as exc:
-                log.warning("%s not written (%s); the chunk goes through Redis", name, exc)
-                shm.unlink(self.shm_dir, [name])
+        if to_shm and (placed := self._to_shm(unit, chunk, len(blob), lambda f: f.write(blob))) is not None:
+            return placed
         if len(blob) <= self.inline_max_bytes:
             return Placed(payload_b64=base64.b64encode(blob).decode())
         key = self.keys.input(unit, chunk)
@@ -156,15 +150,24 @@ class Transport:
             size = ipc_size(table)
             if size > self.max_bytes:
                 raise PayloadTooLarge(size, self.max_bytes)
-            name = shm.payload_name(unit, chunk)
-            try:
-                shm.write_with(self.shm_dir, name, size, lambda f: write_ipc(f, table))
-                return Placed(payload_shm=name), size
-            except OSError as exc:
-                log.warning("%s not written (%s); the chunk goes through Redis", name, exc)
-                shm.unlink(self.shm_dir, [name])
+            if (placed := self._to_shm(unit, chunk, size, lambda f: write_ipc(f, table))) is not None:
+                return placed, size
         blob = encode_table(table)
         return self.place(blob, unit, chunk, pipe), len(blob)
+
+    def _to_shm(self, unit: str, chunk: int, size: int, fill: Callable[[BinaryIO], object]) -> Placed | None:
+        """The input file of ``(unit, chunk)`` written by ``fill``; None: go through Redis
+        (no folder, or the file cannot be written: the folder is full or gone)."""
+        if not self.shm_dir:
+            return None
+        name = shm.payload_name(unit, chunk)
+        try:
+            shm.write_with(self.shm_dir, name, size, fill)
+            return Placed(payload_shm=name)
+        except OSError as exc:
+            log.warning("%s not written (%s); the chunk goes through Redis", name, exc)
+            shm.unlink(self.shm_dir, [name])
+            return None
 
     def store(self, pipe: Any, key: str, blob: bytes | memoryview) -> None:
         """Queue on ``pipe`` an input whose key the caller derived (an ensemble stage's).
