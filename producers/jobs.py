@@ -19,7 +19,7 @@ FINISHED = frozenset({Status.DONE, Status.FAILED, Status.EXPIRED, Status.LOST})
 """The statuses a job never leaves: ``done()`` is true for each (a LOST job will never run)."""
 
 
-def assemble(job_id: str, chunks: int, parts: Mapping[int, bytes]) -> pa.Table:
+def assemble(job_id: str, chunks: int, parts: Mapping[int, bytes | memoryview]) -> pa.Table:
     """A job's table from its stored chunk results, in order.
 
     Raises:
@@ -103,7 +103,7 @@ class JobHandle(Protocol):
 
     def delete(self, job: Job) -> int: ...
 
-    def read_files(self, job: Job, payloads: Mapping[int, bytes]) -> dict[int, bytes]:
+    def read_files(self, job: Job, payloads: Mapping[int, bytes]) -> dict[int, bytes | memoryview]:
         """``payloads`` with file references replaced by their shared-memory files' bytes."""
         ...
 

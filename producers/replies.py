@@ -282,7 +282,7 @@ class Replies:
         self._closed = threading.Event()
         # Result files read while their job's other chunks ran, by unit: kept until the job's
         # result is assembled (``read_files``), so a collect that times out loses none of them.
-        self._early: dict[str, dict[int, bytes]] = {}
+        self._early: dict[str, dict[int, bytes | memoryview]] = {}
 
     def track(self, unit: str, chunks: int) -> None:
         """Wait for the notices of ``unit`` (a job, or a pack of jobs): call before publishing."""
@@ -322,7 +322,7 @@ class Replies:
     def attempts(self, job: Job) -> list[Attempt]:
         return self.ledger.attempts(job.unit)
 
-    def read_files(self, job: Job, payloads: Mapping[int, bytes]) -> dict[int, bytes]:
+    def read_files(self, job: Job, payloads: Mapping[int, bytes]) -> dict[int, bytes | memoryview]:
         """``payloads`` with file references replaced by their files' bytes (``Transport.read_results``;
         those read during ``collect`` already are taken as read)."""
         with self._lock:

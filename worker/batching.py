@@ -3,7 +3,9 @@
 Requests for the same model that arrive within ``max_delay_ms`` of the first are
 merged into one call of at most ``max_batch_rows`` rows (a larger request is cut).
 Outputs are split back by row ranges; each output must have exactly as many rows as
-the merged input. A failing merged call is bisected, so only the request that makes
+the call's input. A request's outputs come back as ``Pieces``, one per model call that
+served it, never joined here: a caller that writes them out (an Arrow stream, one record
+batch each) saves a copy of every output row. A failing merged call is bisected, so only the request that makes
 the model raise fails. An out-of-memory error halves the rows per call and retries; the
 halved size is kept for the model's later calls (an identical job does not pay the same
 chain of OOMs again), and doubled back only after many clean calls at the learned size.
@@ -24,12 +26,25 @@ import numpy as np
 
 from hetbatch.adapters.errors import DeviceFailed, PredictError, is_oom
 from hetbatch.producers.protocol import tracing
+from hetbatch.worker.budget import CallSize
 
-__all__ = ["Arrays", "Arrivals", "BatchStats", "Batcher", "CallSize", "Request", "is_oom", "merge", "split"]
+__all__ = [
+    "Arrays",
+    "Arrivals",
+    "BatchStats",
+    "Batcher",
+    "Pieces",
+    "Request",
+    "join",
+    "merge",
+    "split",
+]
 
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
+Pieces = list[Arrays]
+"""A request's outputs: consecutive row ranges of it, in order (views of model calls' outputs)."""
 
 
 @dataclass
@@ -38,7 +53,7 @@ class Request:
 
     inputs: Mapping[str, np.ndarray]
     rows: int
-    future: Future[Arrays] = field(default_factory=Future)
+    future: Future[Pieces] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     trace: str | None = None  # the job's traceparent: the model call's span links it
 
@@ -115,48 +130,31 @@ def split(outputs: Mapping[str, np.ndarray], slices: Sequence[slice]) -> list[Ar
     return [{n: a[s] for n, a in outputs.items()} for s in slices]
 
 
-def _concat(parts: list[Arrays]) -> Arrays:
-    if len(parts) == 1:
-        return parts[0]
-    return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+def join(pieces: Pieces) -> Arrays:
+    """A request's outputs as one array each (a copy, unless it came in one piece)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    return {n: np.concatenate([p[n] for p in pieces]) for n in pieces[0]}
 
 
-class CallSize:
-    """The rows per model call a model can take, learned from its out-of-memory errors.
-
-    Starts at ``limit``. An OOM at ``rows`` sets it to half of them, and it stays there:
-    memory use depends on the rows, so the next job of the same size would meet the same
-    OOM. After ``probe_after`` clean calls that used the whole learned size, it doubles
-    (up to ``limit``) to try again: the OOM may have come from memory that another model
-    held for a while. A probe that fails doubles the clean calls the next probe waits for.
-    """
-
-    def __init__(self, limit: int, probe_after: int = 1000) -> None:
-        self.limit = max(1, limit)
-        self.rows = self.limit
-        self.probe_after = probe_after
-        self._clean = 0
-        self._probing = False
-        self._lock = threading.Lock()
-
-    def out_of_memory(self, rows: int) -> int:
-        """Record an OOM on a call of ``rows`` rows; returns the new (smaller) size."""
-        with self._lock:
-            self.rows = max(1, min(self.rows, rows) // 2)
-            if self._probing:
-                self.probe_after *= 2
-            self._clean, self._probing = 0, False
-            return self.rows
-
-    def succeeded(self, rows: int) -> None:
-        """Record a clean call of ``rows`` rows (only full-size calls count towards a probe)."""
-        with self._lock:
-            if rows < self.rows or self.rows >= self.limit:
-                return
-            self._probing = False
-            self._clean += 1
-            if self._clean >= self.probe_after:
-                self.rows, self._clean, self._probing = min(self.limit, self.rows * 2), 0, True
+def _cut(calls: Sequence[tuple[int, Arrays]], slices: Sequence[slice]) -> list[Pieces]:
+    """Each request's ``slices`` of a merged batch's outputs, from ``calls`` (rows, outputs)
+    of the model calls that ran it in order: views, no copy."""
+    if len(calls) == 1:
+        return [[{n: a[s] for n, a in calls[0][1].items()}] for s in slices]
+    bounds, at = [], 0
+    for rows, outputs in calls:
+        bounds.append((at, at + rows, outputs))
+        at += rows
+    out = []
+    for s in slices:
+        mine = [
+            {n: a[max(s.start, lo) - lo : min(s.stop, hi) - lo] for n, a in outputs.items()}
+            for lo, hi, outputs in bounds
+            if lo < s.stop and s.start < hi
+        ]
+        out.append(mine or [{n: a[:0] for n, a in calls[0][1].items()}])
+    return out
 
 
 class Batcher:
@@ -217,7 +215,7 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, inputs: Mapping[str, np.ndarray], rows: int, trace: str | None = None) -> Future[Arrays]:
+    def submit(self, inputs: Mapping[str, np.ndarray], rows: int, trace: str | None = None) -> Future[Pieces]:
         """Queue ``rows`` rows for a model call; ``trace``: the job's ``traceparent``."""
         if rows > self.max_batch_rows and len(self._threads) > 1:
             return self._submit_pieces(inputs, rows, trace)
@@ -232,17 +230,17 @@ class Batcher:
         self._queue.put(req)
         return req.future
 
-    def _submit_pieces(self, inputs: Mapping[str, np.ndarray], rows: int, trace: str | None) -> Future[Arrays]:
+    def _submit_pieces(self, inputs: Mapping[str, np.ndarray], rows: int, trace: str | None) -> Future[Pieces]:
         """Queue a big request in pieces of max_batch_rows, so every instance takes some."""
         step = self.max_batch_rows
         pieces = [
             Request({n: a[start : start + step] for n, a in inputs.items()}, min(step, rows - start), trace=trace)
             for start in range(0, rows, step)
         ]
-        whole: Future[Arrays] = Future()
+        whole: Future[Pieces] = Future()
         left, lock = [len(pieces)], threading.Lock()
 
-        def finished(_: Future[Arrays]) -> None:
+        def finished(_: Future[Pieces]) -> None:
             with lock:
                 left[0] -= 1
                 if left[0]:
@@ -251,7 +249,7 @@ class Batcher:
             if failed is not None:
                 whole.set_exception(failed)
             else:
-                whole.set_result(_concat([p.future.result() for p in pieces]))
+                whole.set_result([out for p in pieces for out in p.future.result()])
 
         for piece in pieces:
             piece.future.add_done_callback(finished)
@@ -333,7 +331,7 @@ class Batcher:
             merged, slices = merge(batch)
             # One span per model call, linked to every job whose rows it merged.
             with tracing.batch_span("hetbatch.predict", (r.trace for r in batch), {"hetbatch.requests": len(batch)}):
-                outputs = split(self._call(merged, slices[-1].stop), slices)
+                outputs = _cut(self._call(merged, slices[-1].stop), slices)
         except Exception as exc:
             self._tick(-1)
             if isinstance(exc, DeviceFailed) and self._on_fatal is not None:
@@ -355,8 +353,9 @@ class Batcher:
             padded = self._padded() if self._padded is not None else None
             self._on_batch(BatchStats(slices[-1].stop, len(batch), wait, compute, busy, padded))
 
-    def _call(self, merged: Mapping[str, np.ndarray], rows: int) -> Arrays:
-        """Run the model in pieces of the learned call size, halving it on OOM (and keeping it)."""
+    def _call(self, merged: Mapping[str, np.ndarray], rows: int) -> list[tuple[int, Arrays]]:
+        """Run the model in pieces of the learned call size, halving it on OOM (and keeping
+        it); each call's rows and outputs."""
         start, parts = 0, []
         while start < rows:
             step = self.call_size.rows
@@ -371,6 +370,6 @@ class Batcher:
                 log.warning("%s ran out of memory on %d rows; %d rows per call from now on", self.name, n, smaller)
                 continue
             self.call_size.succeeded(n)
-            parts.append(split(out, [slice(0, n)])[0])
+            parts.append((n, split(out, [slice(0, n)])[0]))
             start += n
-        return _concat(parts)
+        return parts

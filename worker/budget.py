@@ -6,7 +6,8 @@ bytes. Thirty-two task threads on chunks of 32 MiB of output (a 1.1 GB-output jo
 peaked at 2.8 GB RSS. So a task waits before it reads its payload until the bytes of
 the tasks in flight leave room for its own (``task_bytes``); small tasks never wait for
 each other (hundreds fit), and a task larger than the whole budget runs alone rather
-than never.
+than never. A model's rows per call shrink the same way after an out-of-memory error
+(``CallSize``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from hetbatch.producers.protocol.model import ModelSpec
 
-__all__ = ["ByteBudget", "task_bytes"]
+__all__ = ["ByteBudget", "CallSize", "task_bytes"]
 
 _STRING_BYTES = 64
 """A guess for a string's bytes (its size is known only once read)."""
@@ -88,3 +89,41 @@ class ByteBudget:
             with self._changed:
                 self._used -= nbytes
                 self._changed.notify_all()
+
+
+class CallSize:
+    """The rows per model call a model can take, learned from its out-of-memory errors.
+
+    Starts at ``limit``. An OOM at ``rows`` sets it to half of them, and it stays there:
+    memory use depends on the rows, so the next job of the same size would meet the same
+    OOM. After ``probe_after`` clean calls that used the whole learned size, it doubles
+    (up to ``limit``) to try again: the OOM may have come from memory that another model
+    held for a while. A probe that fails doubles the clean calls the next probe waits for.
+    """
+
+    def __init__(self, limit: int, probe_after: int = 1000) -> None:
+        self.limit = max(1, limit)
+        self.rows = self.limit
+        self.probe_after = probe_after
+        self._clean = 0
+        self._probing = False
+        self._lock = threading.Lock()
+
+    def out_of_memory(self, rows: int) -> int:
+        """Record an OOM on a call of ``rows`` rows; returns the new (smaller) size."""
+        with self._lock:
+            self.rows = max(1, min(self.rows, rows) // 2)
+            if self._probing:
+                self.probe_after *= 2
+            self._clean, self._probing = 0, False
+            return self.rows
+
+    def succeeded(self, rows: int) -> None:
+        """Record a clean call of ``rows`` rows (only full-size calls count towards a probe)."""
+        with self._lock:
+            if rows < self.rows or self.rows >= self.limit:
+                return
+            self._probing = False
+            self._clean += 1
+            if self._clean >= self.probe_after:
+                self.rows, self._clean, self._probing = min(self.limit, self.rows * 2), 0, True

@@ -2,12 +2,14 @@
 that write announces itself on the producer's reply list. A result over
 ``max_result_bytes`` is stored in parts under a manifest (``producers.protocol.parts``).
 A big result of a chunk whose input came in a shared-memory file goes back in a file of
-the same folder, under a file reference (``Transport.place_result``)."""
+the same folder, under a file reference (``Transport.place_result``), written from its
+rows: never encoded in memory first."""
 
 from __future__ import annotations
 
+import itertools
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -30,7 +32,7 @@ from hetbatch.producers.protocol.wire import (
     encode_results,
 )
 
-__all__ = ["STAGE_BYTES", "Done", "Outcome", "ResultWriter", "library_error", "outcomes_of"]
+__all__ = ["STAGE_BYTES", "Done", "Outcome", "Place", "ResultWriter", "library_error", "outcomes_of"]
 
 STAGE_BYTES = 1 << 20
 """A stored value this big goes by a plain SET under a staging key that the store script
@@ -40,24 +42,27 @@ of 6 on the 2-core dev VM)."""
 _STAGE_TTL_MS = 3_600_000  # renamed in the same round trip; only a dead write leaves one
 
 
+Place = Callable[[pa.Table, str, int], bytes | None]
+"""Writes the result rows of ``(job, chunk)`` to its shared-memory file; the reference to
+store, or ``None``: not written (``Transport.place_result``)."""
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """The encoded result of one job chunk: the result itself, or the manifest of ``parts``.
-    ``whole``: the encoded result, when it may go to a shared-memory file instead."""
+    """The stored result of one job chunk: the result itself, or the manifest of ``parts``,
+    or the reference to the shared-memory ``file`` that holds it."""
 
     job_id: str
     chunk: int
     result: bytes | memoryview
     parts: tuple[memoryview, ...] = ()
-    whole: bytes | memoryview | None = None
+    file: str | None = None
 
 
-def _outcome(job_id: str, chunk: int, data: bytes | memoryview, max_bytes: int, to_file: bool = False) -> Outcome:
-    """``data`` as stored: whole, or over ``max_bytes`` as a manifest and its parts (and,
-    ``to_file``, kept whole for a shared-memory file)."""
-    whole = data if to_file else None
+def _outcome(job_id: str, chunk: int, data: bytes | memoryview, max_bytes: int) -> Outcome:
+    """``data`` as stored: whole, or over ``max_bytes`` as a manifest and its parts."""
     if len(data) <= max_bytes:
-        return Outcome(job_id, chunk, data, whole=whole)
+        return Outcome(job_id, chunk, data)
     part_bytes = min(max_bytes, result_parts.MAX_PART_BYTES)
     if -(-len(data) // part_bytes) > result_parts.MAX_PARTS:  # a reader would refuse the manifest
         error = PayloadError(
@@ -66,7 +71,7 @@ def _outcome(job_id: str, chunk: int, data: bytes | memoryview, max_bytes: int, 
         )
         return Outcome(job_id, chunk, encode_error(RemoteError.from_exception(error)))
     manifest, parts = result_parts.split(data, part_bytes)
-    return Outcome(job_id, chunk, manifest, tuple(parts), whole)
+    return Outcome(job_id, chunk, manifest, tuple(parts))
 
 
 @dataclass
@@ -96,11 +101,11 @@ def library_error(exc: BaseException, fallback: type[Exception] = PayloadError) 
     return wrapped
 
 
-def outcomes_of(env: TaskEnvelope, done: Sequence[Done], max_bytes: int) -> list[Outcome]:
+def outcomes_of(env: TaskEnvelope, done: Sequence[Done], max_bytes: int, place: Place | None = None) -> list[Outcome]:
     """What to store for ``done``: one result per item, or for a pack, the pack's one result;
-    one over ``max_bytes`` goes in parts of at most ``max_bytes``. A job's result (not a
-    pack's, whose status reads its header, nor an ensemble member's, which fusion reads)
-    may go to a shared-memory file when its input came in one."""
+    one over ``max_bytes`` goes in parts of at most ``max_bytes``. With ``place``, a job's
+    result (not a pack's, whose status reads its header, nor an ensemble member's, which
+    fusion reads) may go to a shared-memory file when its input came in one."""
     ordered = sorted(done, key=lambda d: d.offset)
     if env.pack is not None:
         # The header follows the envelope's item order (an empty item shares its offset with
@@ -118,13 +123,19 @@ def outcomes_of(env: TaskEnvelope, done: Sequence[Done], max_bytes: int) -> list
             error = encode_error(d.error or RemoteError("Error", "no result"))
             out += [Outcome(item.job_id, item.chunk, error) for item in d.items]
             continue
-        slices, start = [], 0
-        for item in d.items:
-            slices.append((start, item.rows))
-            start += item.rows
-        to_file = env.payload_shm is not None and env.then is None
-        for item, data in zip(d.items, encode_results(d.table, slices), strict=True):
-            out.append(_outcome(item.job_id, item.chunk, data, max_bytes, to_file))
+        starts = list(itertools.accumulate((item.rows for item in d.items), initial=0))
+        to_file = place is not None and env.payload_shm is not None and env.then is None
+        refs = [
+            place(d.table.slice(start, item.rows), item.job_id, item.chunk) if place and to_file else None
+            for start, item in zip(starts, d.items)
+        ]
+        rest = [(start, item.rows) for start, item, ref in zip(starts, d.items, refs) if ref is None]
+        encoded = iter(encode_results(d.table, rest) if rest else [])
+        for item, ref in zip(d.items, refs, strict=True):
+            if ref is None:
+                out.append(_outcome(item.job_id, item.chunk, next(encoded), max_bytes))
+            else:
+                out.append(Outcome(item.job_id, item.chunk, ref, file=shm.result_name(item.job_id, item.chunk)))
     return out
 
 
@@ -136,7 +147,7 @@ class ResultWriter:
         keys: the deployment's key names.
         ttl_s: how long stored results (and reply lists) live.
         inline_bytes: results up to this size also ride in the reply notice.
-        transport: writes results to shared-memory files (``Outcome.whole``); none: never.
+        transport: deletes the shared-memory files of results not stored (``Outcome.file``).
     """
 
     def __init__(
@@ -163,41 +174,21 @@ class ResultWriter:
     def write_many(self, writes: Sequence[tuple[Sequence[Outcome], str | None, str | None]]) -> list[int]:
         """``write`` for several tasks' ``(outcomes, reply_to, finished)`` in one round trip
         (with the staging SETs of their big values, ``STAGE_BYTES``)."""
-        placed = [self._to_files(outcomes) for outcomes, _, _ in writes]
-        calls = [
-            self._call(outcomes, reply_to, finished)
-            for (outcomes, _), (_, reply_to, finished) in zip(placed, writes, strict=True)
-        ]
+        calls = [self._call(outcomes, reply_to, finished) for outcomes, reply_to, finished in writes]
         # A write that fails leaves its files: the script may have run before the reply
         # was lost, so a reference may name them (the sweep takes them otherwise).
         done = self._run(calls)
-        for (_, files), stored in zip(placed, done, strict=True):
+        for (outcomes, _, _), stored in zip(writes, done, strict=True):
             # Not stored (another execution's result was, or the job is gone): no reader
             # will come. Of a task stored in part, which file is whose is not known: the sweep takes them.
-            if stored == 0:
-                self._drop(files)
+            files = [out.file for out in outcomes if out.file]
+            if stored == 0 and files and self._transport is not None:
+                self._transport.drop(self._client, [], files)
         return done
 
-    def _drop(self, files: list[str]) -> None:
-        if files and self._transport is not None:
-            self._transport.drop(self._client, [], files)
-
-    def _to_files(self, outcomes: Sequence[Outcome]) -> tuple[list[Outcome], list[str]]:
-        """``outcomes`` with each that may go to a file written there (a file reference in
-        its place), and the names of the files written."""
-        if self._transport is None or not any(out.whole is not None for out in outcomes):
-            return list(outcomes), []
-        out, files = [], []
-        for outcome in outcomes:
-            ref = None
-            if outcome.whole is not None:
-                ref = self._transport.place_result(outcome.whole, outcome.job_id, outcome.chunk)
-            if ref is None:
-                out.append(outcome)
-                continue
-            out.append(Outcome(outcome.job_id, outcome.chunk, ref))
-            files.append(str(shm.result_name(outcome.job_id, outcome.chunk)))
-        return out, files
+    def place(self, table: pa.Table, job_id: str, chunk: int) -> bytes | None:
+        """``Place``: a result's rows to its shared-memory file (none without a transport)."""
+        return None if self._transport is None else self._transport.place_result(table, job_id, chunk)
 
     def _run(
         self,

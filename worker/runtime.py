@@ -34,7 +34,7 @@ from hetbatch.producers.protocol.registry import ModelSpec, Registry
 from hetbatch.producers.protocol.schema import arrays_to_table, table_to_arrays
 from hetbatch.producers.protocol.transport import Transport
 from hetbatch.producers.protocol.wire import DEVICE_KEY, Item, TaskEnvelope, answerable, decode_table
-from hetbatch.worker.batching import Arrays, Arrivals, Batcher, BatchStats
+from hetbatch.worker.batching import Arrivals, Batcher, BatchStats, Pieces, join
 from hetbatch.worker.budget import ByteBudget, task_bytes
 from hetbatch.worker.hooks import Hook
 from hetbatch.worker.models import LoadedModel, ModelCache
@@ -68,7 +68,7 @@ class _Calls:
     rejected before batching) and the model requests still running."""
 
     outcomes: list[Done]
-    pending: list[tuple[list[tuple[int, Item]], Future[Arrays]]] = field(default_factory=list)
+    pending: list[tuple[list[tuple[int, Item]], Future[Pieces]]] = field(default_factory=list)
     arrays: Mapping[str, np.ndarray] | None = None
     spec: ModelSpec | None = None
     model: LoadedModel | None = None
@@ -241,7 +241,7 @@ class Runtime:
         if not finished:
             return
         writes = [
-            (outcomes_of(env, done, self.settings.max_result_bytes), env.reply_to, task_id_of(env))
+            (outcomes_of(env, done, self.settings.max_result_bytes, self.writer.place), env.reply_to, task_id_of(env))
             for env, done in finished
         ]
         with tracing.child_span("hetbatch.store", {"hetbatch.tasks": len(writes)}):
@@ -325,11 +325,11 @@ class Runtime:
     @staticmethod
     def _submit(
         batcher: Batcher, arrays: Mapping[str, np.ndarray], run: list[tuple[int, Item]], trace: str | None
-    ) -> Future[Arrays]:
+    ) -> Future[Pieces]:
         start, rows = run[0][0], sum(item.rows for _, item in run)
         return batcher.submit({n: a[start : start + rows] for n, a in arrays.items()}, rows, trace)
 
-    def _finish(self, run: list[tuple[int, Item]], future: Future[Arrays], calls: _Calls) -> list[Done]:
+    def _finish(self, run: list[tuple[int, Item]], future: Future[Pieces], calls: _Calls) -> list[Done]:
         """Outcomes of one run of items; a failed run of several is retried item by item,
         so the batcher's bisection finds the one job that makes the model raise."""
         arrays, spec, model = calls.arrays, calls.spec, calls.model
@@ -352,9 +352,15 @@ class Runtime:
         return [Done(run[0][0], [item for _, item in run], table=table)]
 
     @staticmethod
-    def _select(outputs: Mapping[str, np.ndarray], spec: ModelSpec) -> pa.Table:
-        names = [n for n in spec.outputs if n in outputs] or list(outputs)
-        return arrays_to_table({n: outputs[n] for n in names})
+    def _select(pieces: Pieces, spec: ModelSpec) -> pa.Table:
+        """The outputs the spec names, a record batch per piece (a 614 MB result is not
+        joined here, only written out: ``worker.results``)."""
+        names = [n for n in spec.outputs if n in pieces[0]] or list(pieces[0])
+        tables = [arrays_to_table({n: p[n] for n in names}) for p in pieces]
+        if all(t.schema == tables[0].schema for t in tables[1:]):
+            return pa.concat_tables(tables)
+        whole = join(pieces)  # pieces typed apart (strings of one call, large strings of another)
+        return arrays_to_table({n: whole[n] for n in names})
 
     def _table(self, env: TaskEnvelope) -> pa.Table:
         # Names derived from the job id, sizes checked before reading (protocol.transport).

@@ -14,14 +14,18 @@ such jobs to the host queue while a worker of it is alive: no worker elsewhere e
 receives a name it cannot open. Everything else (the ledger, redelivery, the
 reconciler) treats the host queue as any other queue.
 
-Files are read, not mapped: a file cut short by someone else fails its job with a clear
-error instead of a SIGBUS. The worker deletes a chunk's file when it stores the
-chunk's result, and sweeps files older than their TTL.
+Input files are read, not mapped: a file cut short by someone else fails its job with a
+clear error instead of a SIGBUS in the worker. The worker deletes a chunk's file when it
+stores the chunk's result, and sweeps files older than their TTL.
 
 Results go back the same way: a worker that read a chunk's input from a file writes a
 big result to ``result_name(job, chunk)`` in the same folder (``worker.results``) and
-stores a reference to it under the result key (``parts.file_ref``); the client reads the
-file once and deletes it. A result file nobody reads is swept like an input file.
+stores a reference to it under the result key (``parts.file_ref``). The client maps the
+file and deletes it at once (the mapping outlives the name): the result's rows reach the
+caller with no copy. Mapping is safe here as reading an input is not: the writer is a
+worker the client trusts, which wrote the file whole and closed it, and no execution
+rewrites it (``O_EXCL``), so only a process of the client's own user could cut it short.
+A result file nobody reads is swept like an input file.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import errno
 import functools
 import io
+import mmap
 import os
 import re
 import secrets
@@ -37,6 +42,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, cast
+
+import numpy as np
 
 from hetbatch.producers.errors import JobLost, PayloadError
 
@@ -157,7 +164,7 @@ def write_with(
         raise
 
 
-def read_payload(folder: str, name: str, job_id: str, max_bytes: int) -> bytes:
+def read_payload(folder: str, name: str, job_id: str, max_bytes: int) -> memoryview:
     """The bytes of a chunk's input file.
 
     Raises:
@@ -172,9 +179,9 @@ def read_payload(folder: str, name: str, job_id: str, max_bytes: int) -> bytes:
     return _read(folder, name, job_id, max_bytes, "input", "(TTL passed or the host restarted)")
 
 
-def read_result(folder: str, job_id: str, unit: str, chunk: int, size: int) -> bytes:
+def read_result(folder: str, job_id: str, unit: str, chunk: int, size: int) -> memoryview:
     """The ``size`` bytes of the result file of ``(unit, chunk)`` (``unit``: ``job_id`` or
-    its pack's), deleted once read: a result file is read once.
+    its pack's), mapped read-only and deleted: a result file is read once.
 
     Raises:
         PayloadError: the file is not a regular file, or not of ``size`` bytes; this side
@@ -187,9 +194,14 @@ def read_result(folder: str, job_id: str, unit: str, chunk: int, size: int) -> b
     if not folder:
         raise PayloadError(f"job {job_id}: its result is in shared memory, and this client has none (shm_dir is empty)")
     gone = "(read already, swept after its TTL, written on another host, or the host restarted)"
-    data = _read(folder, name, job_id, size, "result", gone)  # a longer file is refused before reading
-    if len(data) != size:
-        raise PayloadError(f"job {job_id}: result {name} in {folder} has {len(data)} bytes, not the {size} stored")
+    f, found = _open(folder, name, job_id, size, "result", gone)  # a longer file is refused before mapping
+    with f:
+        if found != size:
+            raise PayloadError(f"job {job_id}: result {name} in {folder} has {found} bytes, not the {size} stored")
+        try:
+            data = memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)) if size else memoryview(b"")
+        except OSError as exc:
+            raise PayloadError(f"job {job_id}: cannot map its result {name} in {folder}: {exc}") from exc
     unlink(folder, [name])
     return data
 
@@ -214,13 +226,18 @@ def _open(folder: str, name: str, job_id: str, max_bytes: int, what: str, gone: 
     return io.FileIO(fd, "rb"), info.st_size
 
 
-def _read(folder: str, name: str, job_id: str, max_bytes: int, what: str, gone: str) -> bytes:
+def _read(folder: str, name: str, job_id: str, max_bytes: int, what: str, gone: str) -> memoryview:
     f, size = _open(folder, name, job_id, max_bytes, what, gone)
+    # Into a numpy array: numpy backs a big one with transparent huge pages, and faulting
+    # in fresh memory, not the copy, is most of a read (600 MiB: 0.16 s, as bytes 0.27 s).
+    buf, got = np.empty(size, np.uint8).data, 0
     with f:
         try:
-            return f.read(size) or b""
+            while got < size and (n := f.readinto(buf[got:])):
+                got += n
         except OSError as exc:
             raise PayloadError(f"job {job_id}: cannot read its {what} {name} in {folder}: {exc}") from exc
+    return buf[:got]  # short: the file was cut after it was opened (the decoder names the job)
 
 
 def unlink(folder: str, names: list[str]) -> None:

@@ -45,7 +45,7 @@ from hetbatch.producers.protocol import parts, shm
 from hetbatch.producers.protocol.ensemble import member_job_id, stage_input_key
 from hetbatch.producers.protocol.ipc import ipc_size, write_ipc
 from hetbatch.producers.protocol.keys import Keys
-from hetbatch.producers.protocol.wire import Item, TaskEnvelope, encode_table
+from hetbatch.producers.protocol.wire import Item, TaskEnvelope, encode_table, write_result
 
 __all__ = ["Placed", "Transport"]
 
@@ -282,25 +282,30 @@ class Transport:
 
     # -- results ---------------------------------------------------------------
 
-    def place_result(self, blob: bytes | memoryview, unit: str, chunk: int) -> bytes | None:
-        """Write ``blob``, the encoded result of ``(unit, chunk)`` whose input came in a file,
-        to its result file; returns the reference to store under its result key, or
-        ``None``: store ``blob`` itself (too small, no folder, a unit that names no file,
-        the folder full, or the file there already: another execution's, maybe being read).
+    def place_result(self, table: pa.Table, unit: str, chunk: int) -> bytes | None:
+        """Write ``table``, the result rows of ``(unit, chunk)`` whose input came in a file,
+        to its result file: ``wire.encode_result``'s bytes, straight from the table's
+        buffers (a record batch per model call, never joined). Returns the reference to
+        store under its result key, or ``None``: store the encoded rows instead (too small,
+        no folder, a unit that names no file, the folder full, or the file there already:
+        another execution's, maybe being read).
         """
         name = shm.result_name(unit, chunk)
-        if not self.shm_dir or name is None or len(blob) < self.result_file_min_bytes:
+        if not self.shm_dir or name is None:
+            return None
+        size = 1 + ipc_size(table)
+        if size < self.result_file_min_bytes:
             return None
         try:
-            shm.write_payload(self.shm_dir, name, blob, exclusive=True)
+            shm.write_with(self.shm_dir, name, size, lambda f: write_result(f, table), exclusive=True)
         except FileExistsError:
             return None
-        except OSError as exc:  # write_payload deleted what it wrote of it
+        except OSError as exc:  # write_with deleted what it wrote of it
             log.warning("%s not written (%s); the result goes through Redis", name, exc)
             return None
-        return parts.file_ref(len(blob))
+        return parts.file_ref(size)
 
-    def read_results(self, job_id: str, unit: str, payloads: Mapping[int, bytes]) -> dict[int, bytes]:
+    def read_results(self, job_id: str, unit: str, payloads: Mapping[int, bytes]) -> dict[int, bytes | memoryview]:
         """``payloads`` (chunk -> stored result of ``unit``, the job's id or its pack's) with
         each file reference replaced by its file's bytes, the file deleted; errors name ``job_id``.
 
@@ -309,7 +314,7 @@ class Transport:
             PayloadError: a file is not a regular file, or not of the size stored.
             JobFailed: a reference is corrupt (remote type PayloadError).
         """
-        out: dict[int, bytes] = dict(payloads)
+        out: dict[int, bytes | memoryview] = dict(payloads)
         for chunk in sorted(c for c, v in payloads.items() if parts.is_file_ref(v)):
             size = parts.read_file_ref(job_id, chunk, payloads[chunk])
             out[chunk] = shm.read_result(self.shm_dir, job_id, unit, chunk, size)

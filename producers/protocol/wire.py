@@ -51,6 +51,7 @@ __all__ = [
     "encode_table",
     "pack_header",
     "queue_for",
+    "write_result",
 ]
 
 SCHEMA_VERSION = 1
@@ -262,6 +263,12 @@ def encode_result(table: pa.Table) -> memoryview:
     return encode_table(table, _OK)
 
 
+def write_result(sink: Any, table: pa.Table) -> None:
+    """``encode_result``'s bytes (``1 + ipc_size(table)`` of them) written to a file from the table's buffers."""
+    sink.write(_OK)
+    write_ipc(sink, table)
+
+
 _EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # IPC end-of-stream marker
 
 
@@ -281,13 +288,13 @@ def encode_error(error: RemoteError) -> bytes:
     return _ERR + json.dumps(body, default=str).encode()
 
 
-def decode_result(data: bytes) -> pa.Table | RemoteError:
+def decode_result(data: bytes | memoryview) -> pa.Table | RemoteError:
     """Inverse of ``encode_result`` / ``encode_error``.
 
     Raises:
         PayloadError: the stored bytes are neither.
     """
-    tag, body = data[:1], memoryview(data)[1:]
+    tag, body = bytes(data[:1]), memoryview(data)[1:]
     if tag == _OK:
         return _read_result(body)
     if tag == _ERR:
@@ -370,11 +377,8 @@ def decode_pack_result(data: bytes) -> list[pa.Table | RemoteError]:
 
 @dataclass(frozen=True)
 class Notice:
-    """A worker's announcement on the producer's reply list that an item finished.
-
-    ``result`` carries the stored result bytes when they are small, so the producer
-    needs no further round trip; otherwise the producer reads ``Keys.result``.
-    """
+    """A worker's announcement on the producer's reply list that an item finished. ``result``:
+    the stored result when small (no further round trip), else the producer reads ``Keys.result``."""
 
     job_id: str
     chunk: int

@@ -43,7 +43,7 @@ def _store(writer: ResultWriter, job_id: str, chunk: int, out: np.ndarray) -> No
         model="wide", version="1", items=(Item(job_id, chunk, len(out)),), payload_shm=shm.payload_name(job_id, chunk)
     )
     table = pa.table({"wide": pa.FixedSizeListArray.from_arrays(pa.array(out.ravel()), WIDTH)})
-    assert writer.write(outcomes_of(env, [Done(0, list(env.items), table)], 1 << 30), None) == 1
+    assert writer.write(outcomes_of(env, [Done(0, list(env.items), table)], 1 << 30, writer.place), None) == 1
 
 
 def test_files_read_before_a_timeout_are_kept_and_the_result_is_exact(redis_server: RedisServer, folder: Path) -> None:

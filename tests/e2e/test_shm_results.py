@@ -28,7 +28,7 @@ from hetbatch.producers.errors import JobLost, PayloadError
 from hetbatch.producers.protocol import parts, shm
 from hetbatch.producers.protocol.keys import Keys
 from hetbatch.producers.protocol.transport import Transport
-from hetbatch.producers.protocol.wire import Item, Status, TaskEnvelope
+from hetbatch.producers.protocol.wire import Item, Status, TaskEnvelope, encode_result
 from hetbatch.worker.devtools.redis_server import RedisServer
 from hetbatch.worker.results import Done, ResultWriter, outcomes_of
 from tests.kit.helpers import WorkerProcess, column, register
@@ -198,18 +198,19 @@ def test_a_second_execution_never_replaces_a_result_file_and_leaves_none_behind(
     table = pa.table({"wide": pa.FixedSizeListArray.from_arrays(pa.array(out.ravel()), WIDTH)})
     job_id = os.urandom(16).hex()
     env = _env(job_id, len(X))
-    assert writer.write(outcomes_of(env, [Done(0, list(env.items), table)], 1 << 30), None) == 1
+    assert writer.write(outcomes_of(env, [Done(0, list(env.items), table)], 1 << 30, writer.place), None) == 1
     name = str(shm.result_name(job_id, 0))
     first = (tmp_path / name).read_bytes()
+    assert first == bytes(encode_result(table))  # written from the rows: the very bytes an encoding gives
     # Another execution while the file waits for its reader: it stores nothing, and the file stays.
-    assert writer.write(outcomes_of(env, [Done(0, list(env.items), table)], 1 << 30), None) == 0
+    assert writer.write(outcomes_of(env, [Done(0, list(env.items), table)], 1 << 30, writer.place), None) == 0
     assert (tmp_path / name).read_bytes() == first
     stored = client.get(keys.result(job_id, 0))
     assert parts.read_file_ref(job_id, 0, stored) == len(first)
     got = Transport(keys, folder).read_results(job_id, job_id, {0: stored})
     assert bytes(got[0]) == first and _results(tmp_path) == []
     # One after the read: its file would have no reader, so it goes.
-    assert writer.write(outcomes_of(env, [Done(0, list(env.items), table)], 1 << 30), None) == 0
+    assert writer.write(outcomes_of(env, [Done(0, list(env.items), table)], 1 << 30, writer.place), None) == 0
     assert _results(tmp_path) == []
     # Old result files nobody read are swept with old input files.
     (tmp_path / name).write_bytes(b"x")

@@ -17,6 +17,7 @@ from hetbatch.adapters.torch import place_program
 from hetbatch.producers.errors import RemoteError
 from hetbatch.producers.protocol.keys import Keys
 from hetbatch.producers.protocol.registry import Registry
+from hetbatch.worker.batching import join
 from hetbatch.worker.modelops.registration import build_spec, write_config
 from hetbatch.worker.models import ModelCache
 from hetbatch.worker.settings import WorkerSettings
@@ -143,7 +144,7 @@ def test_bfloat16_outputs_come_back_as_float32_equal_to_in_process(tmp_path: Pat
     spec = build_spec(_state_dict_model(tmp_path / "bf16", HalfOut))
     loaded = ModelCache(Registry(None, Keys("bf16")), WorkerSettings()).get(spec)  # type: ignore[arg-type]
     X = np.random.default_rng(1).standard_normal((50, 4)).astype(np.float32)
-    got = loaded.batcher.submit({"x": X}, len(X)).result(timeout=30)["output"]
+    got = join(loaded.batcher.submit({"x": X}, len(X)).result(timeout=30))["output"]
     net = HalfOut()
     net.load_state_dict(torch.load(tmp_path / "bf16" / "weights.pt", weights_only=True))
     with torch.no_grad():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from hetbatch.adapters.base import DeviceFailed, PredictError
-from hetbatch.worker.batching import Batcher, BatchStats, CallSize, Request, merge, split
+from hetbatch.worker.batching import Batcher, BatchStats, Request, join, merge, split
+from hetbatch.worker.budget import CallSize
 
 
 def double(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -58,7 +59,7 @@ def test_concurrent_requests_are_coalesced() -> None:
     for t in threads:
         t.join()
     for i, fut in futures:
-        np.testing.assert_array_equal(fut.result(timeout=5)["y"], np.full((2, 1), 2 * i))
+        np.testing.assert_array_equal(join(fut.result(timeout=5))["y"], np.full((2, 1), 2 * i))
     assert len(stats) < 16 and sum(s.rows for s in stats) == 32
     batcher.close()
 
@@ -71,7 +72,7 @@ def test_a_big_request_is_cut_to_max_batch_rows() -> None:
         return double(inputs)
 
     batcher, _ = _batcher(record, max_batch_rows=10)
-    out = batcher.submit({"x": np.arange(25.0)[:, None]}, 25).result(timeout=5)
+    out = join(batcher.submit({"x": np.arange(25.0)[:, None]}, 25).result(timeout=5))
     np.testing.assert_array_equal(out["y"][:, 0], np.arange(25.0) * 2)
     assert seen == [10, 10, 5]
     batcher.close()
@@ -91,7 +92,7 @@ def test_a_poisoned_request_fails_alone_after_bisection() -> None:
             with pytest.raises(ValueError, match="negative"):
                 fut.result(timeout=5)
         else:
-            results.append(fut.result(timeout=5)["y"][0, 0] == 2 * i)
+            results.append(join(fut.result(timeout=5))["y"][0, 0] == 2 * i)
     assert len(results) == 63 and all(results)
     batcher.close()
 
@@ -106,9 +107,52 @@ def test_out_of_memory_halves_the_batch_and_succeeds() -> None:
         return double(inputs)
 
     batcher, _ = _batcher(small_memory, max_batch_rows=64)
-    out = batcher.submit({"x": np.arange(64.0)[:, None]}, 64).result(timeout=5)
+    out = join(batcher.submit({"x": np.arange(64.0)[:, None]}, 64).result(timeout=5))
     np.testing.assert_array_equal(out["y"][:, 0], np.arange(64.0) * 2)
     assert calls[:3] == [64, 32, 16] and sum(c for c in calls if c <= 16) == 64
+    batcher.close()
+
+
+def test_outputs_come_back_as_views_of_each_call_never_joined() -> None:
+    """A request's outputs are the calls' own arrays (one piece per call): the result file
+    is written from them, so joining them here would copy every output row once more."""
+    made: list[np.ndarray] = []
+
+    def keep(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        made.append(double(inputs)["y"])
+        return {"y": made[-1]}
+
+    batcher, _ = _batcher(keep, max_batch_rows=10)
+    pieces = batcher.submit({"x": np.arange(25.0)[:, None]}, 25).result(timeout=5)
+    assert [len(p["y"]) for p in pieces] == [10, 10, 5]
+    assert all(np.shares_memory(p["y"], m) for p, m in zip(pieces, made, strict=True))
+    batcher.close()
+
+
+def test_merged_requests_cut_across_the_calls_of_a_halved_batch() -> None:
+    """Requests merged into one batch that runs in several calls (after an out-of-memory
+    error) each get exactly their rows, in pieces where they span two calls."""
+    entered, release = threading.Event(), threading.Event()
+
+    def small_memory(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if inputs["x"][0, 0] < 0:  # the holder
+            entered.set()
+            release.wait(5)
+        elif len(inputs["x"]) > 4:
+            raise MemoryError("out of memory")
+        return double(inputs)
+
+    batcher, _ = _batcher(small_memory, max_batch_rows=64, max_delay_ms=0, incoming=lambda: 1)
+    busy = batcher.submit({"x": -np.ones((1, 1))}, 1)
+    assert entered.wait(5)
+    sizes = (3, 0, 5, 1, 2)
+    futures = [batcher.submit({"x": np.full((n, 1), float(i))}, n) for i, n in enumerate(sizes)]
+    release.set()
+    busy.result(timeout=5)
+    for i, (n, fut) in enumerate(zip(sizes, futures, strict=True)):
+        pieces = fut.result(timeout=5)
+        assert sum(len(p["y"]) for p in pieces) == n and all(len(p["y"]) <= 4 for p in pieces)
+        np.testing.assert_array_equal(join(pieces)["y"], np.full((n, 1), 2.0 * i))
     batcher.close()
 
 
@@ -143,7 +187,7 @@ def test_a_lone_request_runs_on_the_callers_thread_and_a_busy_model_queues() -> 
     assert not second.done()
     release.set()
     first.join()
-    np.testing.assert_array_equal(second.result(timeout=5)["y"], np.full((2, 1), 2.0))
+    np.testing.assert_array_equal(join(second.result(timeout=5))["y"], np.full((2, 1), 2.0))
     assert threads[0] == "caller" and threads[1].startswith("batcher-")
     assert [s.rows for s in stats] == [1, 2]
     batcher.close()
@@ -163,7 +207,7 @@ def test_a_big_request_is_shared_by_every_instance() -> None:
         return double(inputs)
 
     batcher, _ = _batcher(record, max_batch_rows=10, instances=2, incoming=lambda: 0)
-    out = batcher.submit({"x": np.arange(45.0)[:, None]}, 45).result(timeout=10)
+    out = join(batcher.submit({"x": np.arange(45.0)[:, None]}, 45).result(timeout=10))
     np.testing.assert_array_equal(out["y"][:, 0], np.arange(45.0) * 2)
     assert len(threads) == 2 and all(t.startswith("batcher-") for t in threads)
     batcher.close()
@@ -177,7 +221,7 @@ def test_a_failing_piece_fails_the_big_request() -> None:
 
     batcher, _ = _batcher(picky, max_batch_rows=10, instances=2)
     with pytest.raises(ValueError, match="poisoned"):
-        batcher.submit({"x": np.arange(45.0)[:, None]}, 45).result(timeout=10)
+        join(batcher.submit({"x": np.arange(45.0)[:, None]}, 45).result(timeout=10))
     batcher.close()
 
 
@@ -192,7 +236,7 @@ def test_busy_time_counts_overlapping_calls_once() -> None:
         return double(inputs)
 
     batcher, stats = _batcher(slow, max_batch_rows=10, instances=2)
-    batcher.submit({"x": np.arange(20.0)[:, None]}, 20).result(timeout=10)
+    join(batcher.submit({"x": np.arange(20.0)[:, None]}, 20).result(timeout=10))
     deadline = time.monotonic() + 5
     while len(stats) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -214,9 +258,9 @@ def test_the_learned_call_size_survives_across_jobs() -> None:
 
     batcher, _ = _batcher(small_gpu, max_batch_rows=100)
     x = np.arange(100.0)[:, None]
-    first = batcher.submit({"x": x}, 100).result(timeout=5)
+    first = join(batcher.submit({"x": x}, 100).result(timeout=5))
     assert ooms == [100, 50, 25] and batcher.call_size.rows == 12
-    second = batcher.submit({"x": x}, 100).result(timeout=5)
+    second = join(batcher.submit({"x": x}, 100).result(timeout=5))
     assert ooms == [100, 50, 25]  # nothing new: the second job ran at the learned size
     np.testing.assert_array_equal(first["y"], x * 2)
     np.testing.assert_array_equal(second["y"], x * 2)
@@ -271,9 +315,9 @@ def test_requests_of_many_bytes_are_called_alone_and_small_ones_merge() -> None:
     small = [batcher.submit({"x": np.full((3, 1), i, np.float64)}, 3) for i in range(4)]
     release.set()
     for i, fut in enumerate(big):
-        assert fut.result(timeout=10)["y"][0, 0] == 2.0 * i
+        assert join(fut.result(timeout=10))["y"][0, 0] == 2.0 * i
     for i, fut in enumerate(small):
-        np.testing.assert_array_equal(fut.result(timeout=10)["y"], np.full((3, 1), 2.0 * i))
+        np.testing.assert_array_equal(join(fut.result(timeout=10))["y"], np.full((3, 1), 2.0 * i))
     busy.result(timeout=10)
     assert [(s.rows, s.requests) for s in stats] == [(1, 1), (1, 1), (1, 1), (12, 4)]
     batcher.close()

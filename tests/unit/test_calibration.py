@@ -11,6 +11,7 @@ import pytest
 
 from hetbatch.producers.protocol.keys import Keys
 from hetbatch.producers.protocol.registry import Registry
+from hetbatch.worker.batching import join
 from hetbatch.worker.modelops.registration import build_spec
 from hetbatch.worker.models import ModelCache
 from hetbatch.worker.settings import WorkerSettings
@@ -31,7 +32,7 @@ def test_an_mlp_runs_one_single_threaded_instance_per_core(tmp_path: Path) -> No
     assert loaded.batcher.max_batch_rows in (512, 1024, 2048, 4096, 8192)  # type: ignore[attr-defined]
     assert len(loaded.batcher._threads) == min(8, len(os.sched_getaffinity(0)))  # type: ignore[attr-defined]
     X = np.random.default_rng(3).standard_normal((5000, 32)).astype(np.float32)
-    got = loaded.batcher.submit({"x": X}, len(X)).result(timeout=30)  # type: ignore[attr-defined]
+    got = join(loaded.batcher.submit({"x": X}, len(X)).result(timeout=30))  # type: ignore[attr-defined]
     (want,) = built.model.run(None, {"x": X})
     np.testing.assert_array_equal(got["probabilities"], want)
     cache.close()  # type: ignore[attr-defined]
@@ -45,7 +46,7 @@ def test_whatever_it_picks_a_forest_gives_the_in_process_bits(tmp_path: Path) ->
     cache, loaded = _load(tmp_path, built.directory)
     X = np.random.default_rng(4).standard_normal((3000, built.X.shape[1])).astype(np.float32) * 3
     want = built.model.run(None, {"X": X})
-    got = loaded.batcher.submit({"X": X}, len(X)).result(timeout=30)  # type: ignore[attr-defined]
+    got = join(loaded.batcher.submit({"X": X}, len(X)).result(timeout=30))  # type: ignore[attr-defined]
     for name, value in zip(["label", "probabilities"], want):
         np.testing.assert_array_equal(got[name], value)
     cache.close()  # type: ignore[attr-defined]
@@ -84,7 +85,7 @@ def test_a_probe_the_model_rejects_keeps_one_every_core_call(tmp_path: Path) -> 
     cache, loaded = _load(tmp_path, directory)
     assert len(loaded.batcher._threads) == 1  # type: ignore[attr-defined]
     idx = np.array([[0], [3], [2]], dtype=np.int64)
-    got = loaded.batcher.submit({"idx": idx}, 3).result(timeout=30)  # type: ignore[attr-defined]
+    got = join(loaded.batcher.submit({"idx": idx}, 3).result(timeout=30))  # type: ignore[attr-defined]
     session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(got["vectors"], session.run(None, {"idx": idx})[0])
     cache.close()  # type: ignore[attr-defined]
