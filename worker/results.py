@@ -124,7 +124,7 @@ def outcomes_of(env: TaskEnvelope, done: Sequence[Done], max_bytes: int, place: 
             out += [Outcome(item.job_id, item.chunk, error) for item in d.items]
             continue
         starts = list(itertools.accumulate((item.rows for item in d.items), initial=0))
-        to_file = place is not None and env.payload_shm is not None and env.then is None
+        to_file = env.payload_shm is not None and env.then is None
         refs = [
             place(d.table.slice(start, item.rows), item.job_id, item.chunk) if place and to_file else None
             for start, item in zip(starts, d.items)
@@ -147,7 +147,8 @@ class ResultWriter:
         keys: the deployment's key names.
         ttl_s: how long stored results (and reply lists) live.
         inline_bytes: results up to this size also ride in the reply notice.
-        transport: deletes the shared-memory files of results not stored (``Outcome.file``).
+        transport: writes results to shared-memory files (``place``) and deletes those of
+            results not stored (``Outcome.file``); none: never.
     """
 
     def __init__(
