@@ -47,6 +47,11 @@ __all__ = ["Runtime"]
 log = logging.getLogger(__name__)
 
 
+PIECE_BYTES = 1 << 20
+"""Outputs of model calls this big on average stay apart, a record batch each (no copy);
+smaller ones are joined: a table and a batch header per call would cost more than a copy."""
+
+
 def _error(offset: int, item: Item, exc: BaseException, fallback: type[Exception] = PayloadError) -> Done:
     return Done(offset, [item], error=RemoteError.from_exception(library_error(exc, fallback)))
 
@@ -353,9 +358,11 @@ class Runtime:
 
     @staticmethod
     def _select(pieces: Pieces, spec: ModelSpec) -> pa.Table:
-        """The outputs the spec names, a record batch per piece (a 614 MB result is not
-        joined here, only written out: ``worker.results``)."""
+        """The outputs the spec names, a record batch per piece of at least ``PIECE_BYTES``
+        on average (a 614 MB result is not joined here, only written out: ``worker.results``)."""
         names = [n for n in spec.outputs if n in pieces[0]] or list(pieces[0])
+        if sum(p[n].nbytes for p in pieces for n in names) < len(pieces) * PIECE_BYTES:
+            pieces = [join(pieces)]  # many small calls (a batch-1 model): one copy costs less
         tables = [arrays_to_table({n: p[n] for n in names}) for p in pieces]
         if all(t.schema == tables[0].schema for t in tables[1:]):
             return pa.concat_tables(tables)

@@ -321,3 +321,22 @@ def test_requests_of_many_bytes_are_called_alone_and_small_ones_merge() -> None:
     busy.result(timeout=10)
     assert [(s.rows, s.requests) for s in stats] == [(1, 1), (1, 1), (1, 1), (12, 4)]
     batcher.close()
+
+
+def test_a_result_keeps_big_calls_apart_and_joins_small_ones() -> None:
+    """Calls of a MiB or more become a record batch each (written out without a copy);
+    thousands of one-row calls (a batch-1 model) become one batch, not a header per row."""
+    from types import SimpleNamespace
+
+    from hetbatch.worker.runtime import PIECE_BYTES, Runtime
+
+    spec = SimpleNamespace(outputs=["y"])
+    wide = PIECE_BYTES // 8
+    big = [{"y": np.full((2, wide // 2), float(i))} for i in range(3)]
+    table = Runtime._select(big, spec)  # type: ignore[arg-type]
+    assert table.column("y").num_chunks == 3 and table.num_rows == 6
+    assert all(np.shares_memory(c.values.to_numpy(), p["y"]) for c, p in zip(table.column("y").chunks, big))
+    small = [{"y": np.full((1, 3), float(i)), "other": np.zeros(1)} for i in range(5_000)]
+    table = Runtime._select(small, spec)  # type: ignore[arg-type]
+    assert table.column_names == ["y"] and table.column("y").num_chunks == 1
+    np.testing.assert_array_equal(np.stack(table.column("y").to_pylist()), join(small)["y"])
