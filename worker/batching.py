@@ -5,10 +5,11 @@ merged into one call of at most ``max_batch_rows`` rows (a larger request is cut
 Outputs are split back by row ranges; each output must have exactly as many rows as
 the call's input. A request's outputs come back as ``Pieces``, one per model call that
 served it, never joined here: a caller that writes them out (an Arrow stream, one record
-batch each) saves a copy of every output row. A failing merged call is bisected, so only the request that makes
-the model raise fails. An out-of-memory error halves the rows per call and retries; the
-halved size is kept for the model's later calls (an identical job does not pay the same
-chain of OOMs again), and doubled back only after many clean calls at the learned size.
+batch each) saves a copy of every output row. A failing merged call is bisected, so
+only the request that makes the model raise fails. An out-of-memory error halves the
+rows per call and retries; the halved size is kept for the model's later calls (an
+identical job does not pay the same chain of OOMs again), and doubled back only after
+many clean calls at the learned size.
 A sticky device error is handed to ``on_fatal`` (the worker exits; its jobs are redelivered).
 """
 
@@ -140,8 +141,6 @@ def join(pieces: Pieces) -> Arrays:
 def _cut(calls: Sequence[tuple[int, Arrays]], slices: Sequence[slice]) -> list[Pieces]:
     """Each request's ``slices`` of a merged batch's outputs, from ``calls`` (rows, outputs)
     of the model calls that ran it in order: views, no copy."""
-    if len(calls) == 1:
-        return [[{n: a[s] for n, a in calls[0][1].items()}] for s in slices]
     bounds, at = [], 0
     for rows, outputs in calls:
         bounds.append((at, at + rows, outputs))

@@ -82,6 +82,25 @@ def test_payload_files_refuse_hostile_names_links_and_oversize(tmp_path: Path) -
         shm.read_payload("", good, "job-4", 1024)
 
 
+def test_a_payload_file_cut_short_or_empty_reads_as_what_is_there_and_fails_to_decode(tmp_path: Path) -> None:
+    """The read goes into a numpy buffer of the size found at open; a file cut before or
+    while it is read gives its bytes so far, which the guarded decoder refuses."""
+    import pyarrow as pa
+
+    from hetbatch.producers.protocol.wire import decode_table, encode_table
+
+    whole = bytes(encode_table(pa.table({"x": np.arange(10_000, dtype=np.float32)})))
+    name = shm.payload_name("ab" * 16, 0)
+    shm.write_payload(str(tmp_path), name, whole)
+    assert bytes(shm.read_payload(str(tmp_path), name, "job-1", 1 << 20)) == whole
+    for cut in (whole[: len(whole) // 2], b""):
+        shm.write_payload(str(tmp_path), name, cut)
+        got = shm.read_payload(str(tmp_path), name, "job-1", 1 << 20)
+        assert bytes(got) == cut
+        with pytest.raises(PayloadError):
+            decode_table(got)
+
+
 def test_the_sweep_deletes_old_payload_files_only(tmp_path: Path) -> None:
     old, new = shm.payload_name("0" * 32, 0), shm.payload_name("1" * 32, 0)
     for name in (old, new, "unrelated"):
