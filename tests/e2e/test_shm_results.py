@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import mmap
 import os
 import time
 from collections.abc import Iterator
@@ -209,6 +210,7 @@ def test_a_second_execution_never_replaces_a_result_file_and_leaves_none_behind(
     assert parts.read_file_ref(job_id, 0, stored) == len(first)
     got = Transport(keys, folder).read_results(job_id, job_id, {0: stored})
     assert bytes(got[0]) == first and _results(tmp_path) == []
+    assert isinstance(memoryview(got[0]).obj, mmap.mmap)  # mapped, not copied (README: shared memory)
     # One after the read: its file would have no reader, so it goes.
     assert writer.write(outcomes_of(env, [Done(0, list(env.items), table)], 1 << 30, writer.place), None) == 0
     assert _results(tmp_path) == []
